@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh clone (see README.md):
+#   make demo   - create .venv if needed, install, run every method's main job on built-in data
+#   make test   - create/update the same .venv and run the whole pytest suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+install: $(STAMP)
+
+# torch is pinned to 2.13.0 unless a torch is already installed (a CUDA build, say), so pip
+# never swaps it out; everything else comes from pyproject.toml.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/deepimaging demo --out demo-output
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python Testing/bench/bench_chanvese.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

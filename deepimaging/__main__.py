@@ -1,0 +1,7 @@
+"""``python -m deepimaging`` = the ``deepimaging`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

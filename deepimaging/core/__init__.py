@@ -1,0 +1,1 @@
+"""Shared infrastructure: device, image + geometry, I/O, checkpoints, metrics, progress."""

@@ -1,0 +1,95 @@
+"""One-file checkpoints: weights plus a JSON-able header, loaded without unpickling code.
+
+File layout (a ``torch.save`` of a plain dict): ``{"format": FORMAT, "header": <JSON string>,
+"state_dict": {name: tensor}, "extra_tensors": {name: tensor}}``.  Loading uses
+``torch.load(weights_only=True)`` so a checkpoint can never execute code, and the header is
+checked (format, method) before the weights are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+
+from .. import __version__
+from .errors import CheckpointError
+from .imageio import atomic_output
+
+FORMAT = "deepimaging-checkpoint-v1"
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds: the header (JSON-able dict) and the weights."""
+
+    header: Dict[str, Any]
+    state_dict: Dict[str, torch.Tensor]
+    extra_tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.header["method"]
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return self.header.get("config", {})
+
+
+def make_header(method: str, config: Mapping[str, Any], *, preprocessing: Optional[Mapping[str, Any]] = None,
+                labels: Optional[Mapping[str, Any]] = None, metrics: Optional[Mapping[str, Any]] = None,
+                **extra: Any) -> Dict[str, Any]:
+    """Assemble the standard header; every value must be JSON-serialisable."""
+    header = {"method": method, "config": dict(config), "preprocessing": dict(preprocessing or {}),
+              "labels": dict(labels or {}), "metrics": dict(metrics or {}), "package_version": __version__}
+    header.update(extra)
+    return header
+
+
+def save_checkpoint(path: PathLike, state_dict: Mapping[str, torch.Tensor], header: Mapping[str, Any],
+                    extra_tensors: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """Write weights + header atomically to ``path`` (``.pt``)."""
+    if "method" not in header:
+        raise CheckpointError("a checkpoint header needs a 'method'")
+    try:
+        header_json = json.dumps(dict(header), sort_keys=True)
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint header is not JSON-serialisable: {exc}") from exc
+    payload = {"format": FORMAT, "header": header_json,
+               "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+               "extra_tensors": {k: v.detach().cpu() for k, v in (extra_tensors or {}).items()}}
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: PathLike, method: Optional[str] = None, map_location: Union[str, torch.device] = "cpu") -> Checkpoint:
+    """Load and validate a checkpoint; ``method`` (if given) must match the header's method."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, garbage bytes, pickled objects refused by weights_only
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated, corrupt or not a deepimaging checkpoint "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a deepimaging checkpoint (format tag missing)")
+    try:
+        header = json.loads(payload["header"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint header is missing or corrupt") from exc
+    if method is not None and header.get("method") != method:
+        raise CheckpointError(
+            f"{path} is a checkpoint of method {header.get('method')!r}, but a {method!r} checkpoint is needed")
+    state = payload.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: checkpoint has no weights")
+    return Checkpoint(header, state, dict(payload.get("extra_tensors") or {}))
