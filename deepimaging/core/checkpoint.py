@@ -31,6 +31,7 @@ class Checkpoint:
     header: Dict[str, Any]
     state_dict: Dict[str, torch.Tensor]
     extra_tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    training_state: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -52,8 +53,13 @@ def make_header(method: str, config: Mapping[str, Any], *, preprocessing: Option
 
 
 def save_checkpoint(path: PathLike, state_dict: Mapping[str, torch.Tensor], header: Mapping[str, Any],
-                    extra_tensors: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
-    """Write weights + header atomically to ``path`` (``.pt``)."""
+                    extra_tensors: Optional[Mapping[str, torch.Tensor]] = None,
+                    training_state: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write weights + header atomically to ``path`` (``.pt``).
+
+    ``training_state`` (optimizer/scheduler/scaler state dicts, epoch counters) is what resuming
+    needs; it must hold only tensors, numbers, strings and containers of them.
+    """
     if "method" not in header:
         raise CheckpointError("a checkpoint header needs a 'method'")
     try:
@@ -62,7 +68,8 @@ def save_checkpoint(path: PathLike, state_dict: Mapping[str, torch.Tensor], head
         raise CheckpointError(f"checkpoint header is not JSON-serialisable: {exc}") from exc
     payload = {"format": FORMAT, "header": header_json,
                "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-               "extra_tensors": {k: v.detach().cpu() for k, v in (extra_tensors or {}).items()}}
+               "extra_tensors": {k: v.detach().cpu() for k, v in (extra_tensors or {}).items()},
+               "training_state": dict(training_state or {})}
     path = Path(path)
     with atomic_output(path) as tmp:
         torch.save(payload, tmp)
@@ -92,4 +99,4 @@ def load_checkpoint(path: PathLike, method: Optional[str] = None, map_location: 
     state = payload.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: checkpoint has no weights")
-    return Checkpoint(header, state, dict(payload.get("extra_tensors") or {}))
+    return Checkpoint(header, state, dict(payload.get("extra_tensors") or {}), dict(payload.get("training_state") or {}))
