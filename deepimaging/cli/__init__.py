@@ -8,6 +8,7 @@ function the Slicer modules call.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import List, Optional
@@ -16,13 +17,21 @@ from ..core.errors import DeepImagingError
 from ..core.progress import Cancelled
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import demo, levelset
+# One file per method in this package, each with ``register(subparsers)``.
+COMMAND_MODULES = ("levelset", "nirst", "rog", "gls", "robustness", "demo")
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepimaging", description="SlicerDeepImaging pipelines from the shell.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     methods = parser.add_subparsers(dest="method", metavar="<method>", required=True)
-    for module in (levelset, demo):
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # that method's commands are not part of this build yet
+            raise
         module.register(methods)
     return parser
 
