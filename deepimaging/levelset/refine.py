@@ -23,9 +23,12 @@ from .tsdf import signed_distance
 
 
 def refine_defaults() -> ChanVeseParams:
-    """Defaults for refining a segment: less smoothing than scikit-image's (mu 0.1) and more
-    iterations, measured on the built-in lobed-blob case (Dice 0.82 -> 0.98 in 2D)."""
-    return ChanVeseParams(mu=0.1, max_iterations=300)
+    """Defaults for refining a segment: far less smoothing than scikit-image's 2D default
+    (mu 0.25 shrinks 3D segments: a surface's curvature counts twice) and more iterations.
+    Measured on the built-in lobed-blob cases, Dice initial -> mu 0.25 / 0.1 / 0.05:
+    3D 32x64x64 0.69 -> 0.32 / 0.78 / 0.91; 3D 48x96x96 0.59 -> 0.59 / 0.87 / 0.94;
+    2D 192^2 0.82 -> 0.94 / 0.98 / 0.99."""
+    return ChanVeseParams(mu=0.05, max_iterations=300)
 
 
 @dataclass
