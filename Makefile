@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/deepimaging demo --out demo-output
 
+# Two xdist workers with one torch thread each (Testing/conftest.py) fit CI's 2 cores best.
+PYTEST_ARGS ?= -n 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python Testing/bench/bench_chanvese.py
