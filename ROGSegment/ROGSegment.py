@@ -1,0 +1,449 @@
+import json
+import os
+import pathlib
+import tempfile
+from typing import Annotated
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import *
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import (
+    parameterNodeWrapper,
+    Choice,
+    WithinRange,
+)
+
+from slicer import vtkMRMLScalarVolumeNode
+
+import ROGSegmentLib
+
+TRAIN_FROM_FOLDER = "Folder on disk"
+TRAIN_FROM_SCENE = "Segmentations in this scene"
+
+
+#
+# ROGSegment
+#
+
+
+class ROGSegment(ScriptedLoadableModule):
+    """Module metadata; the work is done by ROGSegmentLib.ROGSegmentLogic."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("ROG Segment")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["Segmentations", "DeepImagingCommon"]
+        self.parent.contributors = ["SlicerDeepImaging developers"]
+        self.parent.helpText = _("""
+Segments CT or MRI volumes with ROG, a small (2.6 M parameters) generic 3-D segmentation network.
+<b>Segment</b>: Apply adds a new segmentation with one named, coloured segment per label of the
+chosen checkpoint (best.pt), on the input volume's grid.
+<b>Training</b>: from a folder (Medical Segmentation Decathlon layout, or images/ and labels/) or from
+segmentations in the scene (each with the volume it was drawn on), planned and trained in a
+background process; training again into the same output folder resumes it. PyTorch is installed
+through the PyTorch extension on first use.
+""")
+        self.parent.acknowledgementText = _("""
+ROG: Daza et al., "Towards Robust General Medical Image Segmentation", MICCAI 2021, rebuilt in
+PyTorch by the SlicerDeepImaging `deepimaging` library. Module layout from 3D Slicer's scripted-module
+template; background processes after MONAIAuto3DSeg.
+""")
+
+
+#
+# ROGSegmentParameterNode
+#
+
+
+@parameterNodeWrapper
+class ROGSegmentParameterNode:
+    """
+    The parameters needed by module.
+
+    modelPath - ROG checkpoint used by Apply.
+    inputVolume - The volume to segment.
+    device - auto, cpu or cuda for inference.
+    postprocess - Apply the plan's largest-component / small-lesion rules.
+    trainingSource - Train from a folder on disk or from segmentations in the scene.
+    trainingFolder - MSD folder, or folder with images/ and labels/.
+    modality - CT or MR normalisation for exported or unnamed data.
+    epochs - Total training epochs.
+    stepsPerEpoch - Batches per epoch.
+    trainingDevice - auto, cpu or cuda for training.
+    outputFolder - Receives plan.json, best.pt, last.pt, training_log.csv.
+    """
+
+    modelPath: pathlib.Path
+    inputVolume: vtkMRMLScalarVolumeNode
+    device: Annotated[str, Choice(list(ROGSegmentLib.DEVICE_CHOICES))] = "auto"
+    postprocess: bool = True
+    trainingSource: Annotated[str, Choice([TRAIN_FROM_SCENE, TRAIN_FROM_FOLDER])] = TRAIN_FROM_SCENE
+    trainingFolder: pathlib.Path
+    modality: Annotated[str, Choice(list(ROGSegmentLib.MODALITY_CHOICES))] = "CT"
+    epochs: Annotated[int, WithinRange(1, 100000)] = 100
+    stepsPerEpoch: Annotated[int, WithinRange(1, 100000)] = 250
+    trainingDevice: Annotated[str, Choice(list(ROGSegmentLib.DEVICE_CHOICES))] = "auto"
+    outputFolder: pathlib.Path
+
+
+#
+# ROGSegmentWidget
+#
+
+
+class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Thin GUI: reads the parameter node, calls the Logic, shows progress and offers Cancel."""
+
+    def __init__(self, parent=None) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._cancelToken = None  # set while inference runs; Apply is then Cancel
+        self._trainingJob = None  # set while training runs; Train is then Cancel
+        self._shownModelPath = None
+
+    def setup(self) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ROGSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)  # the .ui passes the scene on to each MRML widget
+        self.logic = ROGSegmentLogic()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        # The checkable segmentation list has no parameter-node connector: it is read on Train.
+        self.ui.trainingSegmentationsComboBox.connect("checkedNodesChanged()", self._checkCanApply)
+        self.ui.progressBar.hide()
+        self.ui.trainingProgressBar.hide()
+        self._trainingTimer = qt.QTimer()
+        self._trainingTimer.setInterval(500)
+        self._trainingTimer.connect("timeout()", self._onTrainingTimer)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        if self._cancelToken is not None:
+            self._cancelToken.cancel()
+        if self._trainingJob is not None:
+            self._trainingJob.cancel()  # never leave a training process behind Slicer
+            self._trainingJob.wait(timeout=10)
+        self._trainingTimer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed; training (files only) keeps running."""
+        if self._cancelToken is not None:
+            self._cancelToken.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Ensure parameter node exists and observed; preselect the input to save a few clicks."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: ROGSegmentParameterNode | None) -> None:
+        """Set and observe the parameter node, so the GUI follows it."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Each bound widget in the .ui has a "SlicerParameterName" dynamic property.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if not self._parameterNode:
+            return
+        self._updateModelInfo()
+        self._updateTrainingSource()
+        if self._cancelToken is None:
+            self._enable(self.ui.applyButton, self._missingInferenceInputs(), _("Segment the input volume"))
+        if self._trainingJob is None:
+            self._enable(self.ui.trainButton, self._missingTrainingInputs(), _("Plan and train ROG in the background"))
+
+    @staticmethod
+    def _enable(button, missing, toolTip) -> None:
+        button.enabled = not missing
+        button.toolTip = _("Select {missing}").format(missing=missing) if missing else toolTip
+
+    def _missingInferenceInputs(self) -> str:
+        missing, modelPath = [], self._parameterNode.modelPath
+        if not ROGSegmentLib.isPathSet(modelPath) or not pathlib.Path(modelPath).is_file():
+            missing.append(_("a model checkpoint file"))
+        if not self._parameterNode.inputVolume:
+            missing.append(_("an input volume"))
+        return _(" and ").join(missing)
+
+    def _missingTrainingInputs(self) -> str:
+        parameters, missing = self._parameterNode, []
+        if parameters.trainingSource == TRAIN_FROM_SCENE:
+            if not self.ui.trainingSegmentationsComboBox.checkedNodes():
+                missing.append(_("segmentations to train on"))
+        elif not ROGSegmentLib.isPathSet(parameters.trainingFolder):
+            missing.append(_("a training data folder"))
+        if not ROGSegmentLib.isPathSet(parameters.outputFolder):
+            missing.append(_("an output folder"))
+        return _(" and ").join(missing)
+
+    def _updateModelInfo(self) -> None:
+        """Describe the chosen checkpoint (labels, input, validation Dice) under its path."""
+        if self._parameterNode.modelPath != self._shownModelPath:
+            self._shownModelPath = self._parameterNode.modelPath
+            self.ui.modelInfoLabel.text = ROGSegmentLib.modelDescription(self._shownModelPath)
+
+    def _updateTrainingSource(self) -> None:
+        fromScene = self._parameterNode.trainingSource == TRAIN_FROM_SCENE
+        for widget in (self.ui.trainingSegmentationsLabel, self.ui.trainingSegmentationsComboBox,
+                       self.ui.trainingPairsLabel):
+            widget.visible = fromScene
+        self.ui.trainingFolderLabel.visible = self.ui.trainingFolderLineEdit.visible = not fromScene
+        checked = self.ui.trainingSegmentationsComboBox.checkedNodes()
+        self.ui.trainingPairsLabel.text = ROGSegmentLib.describePairs(checked)
+
+    def onApplyButton(self) -> None:
+        """Run the segmentation, or cancel the one that is running."""
+        if self._cancelToken is not None:
+            self._cancelToken.cancel()
+            self.ui.applyButton.enabled = False
+            self.ui.statusLabel.text = _("Cancelling...")
+            return
+        # No wait cursor: the progress bar shows activity and the Cancel button must stay usable.
+        with slicer.util.tryWithErrorDisplay(_("Failed to segment the volume."), waitCursor=False):
+            from DeepImagingCommonLib.dependencies import ensureTorch
+
+            torch = ensureTorch(askConfirmation=True)
+            self._shownModelPath = None  # torch may just have been installed: describe the model now
+            self._checkCanApply()
+            self._runSegmentation(torch)
+
+    def _runSegmentation(self, torch) -> None:
+        from deepimaging.core.progress import CancelToken, Cancelled
+
+        parameters = self._parameterNode
+        self._cancelToken = CancelToken()
+        self._setSegmenting(True)
+        try:
+            segmentationNode = self.logic.segment(
+                parameters.inputVolume, parameters.modelPath, device=parameters.device,
+                postprocess=parameters.postprocess, progress=self._onProgress, cancel=self._cancelToken)
+            names = ", ".join(label for value, label in self.logic.lastModelInfo.foregroundLabels)
+            self.ui.statusLabel.text = _("Added '{node}' ({names}) in {seconds:.1f} s (PyTorch {version}).").format(
+                node=segmentationNode.GetName(), names=names, seconds=self.logic.lastSeconds, version=torch.__version__)
+        except Cancelled:
+            self.ui.statusLabel.text = _("Cancelled; no segmentation was added.")
+        finally:
+            self._cancelToken = None
+            self._setSegmenting(False)
+
+    def _setSegmenting(self, running: bool) -> None:
+        self._setRunning(running, (self.ui.modelPathLineEdit, self.ui.inputVolumeSelector, self.ui.deviceComboBox,
+                                   self.ui.postprocessCheckBox), self.ui.applyButton, self.ui.progressBar,
+                         _("Cancel"), _("Apply"))
+        if running:
+            self.ui.statusLabel.text = ""
+
+    def _setRunning(self, running, inputs, button, progressBar, runningText, idleText) -> None:
+        """While running, inputs are locked, the button cancels and the progress bar shows."""
+        for widget in inputs:
+            widget.enabled = not running
+        button.text = runningText if running else idleText
+        button.enabled = True
+        progressBar.value = 0
+        progressBar.visible = running
+        if not running:
+            self._checkCanApply()
+
+    def _onProgress(self, fraction: float, message: str) -> None:
+        """Progress callback of the Logic; keeps the GUI (and the Cancel button) responsive."""
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.progressBar.setFormat(f"{message} %p%" if message else "%p%")
+        slicer.app.processEvents()
+
+    def onTrainButton(self) -> None:
+        """Start planning + training in the background, or cancel the running job."""
+        if self._trainingJob is not None:
+            self._trainingJob.cancel()
+            self.ui.trainButton.enabled = False
+            self.ui.trainingStatusLabel.text = _("Cancelling...")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
+            from DeepImagingCommonLib.dependencies import ensureTorch
+
+            ensureTorch(askConfirmation=True)  # the training process uses Slicer's Python and its torch
+            parameters = self._parameterNode
+            options = dict(outputFolder=parameters.outputFolder, modality=parameters.modality,
+                           epochs=parameters.epochs, stepsPerEpoch=parameters.stepsPerEpoch,
+                           device=parameters.trainingDevice, progress=self._onExportProgress)
+            self.ui.trainingLogTextEdit.clear()
+            if parameters.trainingSource == TRAIN_FROM_SCENE:
+                pairs = ROGSegmentLib.pairsFromSegmentations(self.ui.trainingSegmentationsComboBox.checkedNodes())
+                self._trainingJob = self.logic.startTraining(pairs=pairs, **options)
+            else:
+                self._trainingJob = self.logic.startTraining(dataFolder=parameters.trainingFolder, **options)
+            self._setTraining(True)
+            self._trainingTimer.start()
+
+    def _onExportProgress(self, fraction: float, message: str) -> None:
+        self.ui.trainingStatusLabel.text = message
+        slicer.app.processEvents()
+
+    def _onTrainingTimer(self) -> None:
+        """Drain the job's output on the GUI thread and show epoch, loss, Dice and ETA."""
+        job = self._trainingJob
+        if job is None:
+            self._trainingTimer.stop()
+            return
+        for line in job.poll():
+            self.ui.trainingLogTextEdit.appendPlainText(line)
+        self.ui.trainingProgressBar.value = int(round(100 * job.status.fraction))
+        self.ui.trainingStatusLabel.text = job.status.text()
+        if not job.running:
+            self._trainingTimer.stop()
+            self._trainingJob = None
+            self._setTraining(False)
+            self._reportTraining(job)
+
+    def _reportTraining(self, job) -> None:
+        """Offer the best checkpoint for segmentation, or say how the job ended."""
+        from DeepImagingCommonLib.process import ProcessState
+
+        if job.state == ProcessState.SUCCEEDED and job.bestCheckpoint is not None:
+            if self._parameterNode:
+                self._parameterNode.modelPath = job.bestCheckpoint
+            self.ui.segmentCollapsibleButton.collapsed = False
+            self.ui.trainingStatusLabel.text = _("Finished ({summary}); its best checkpoint is selected in the "
+                                                 "Segment section.").format(summary=job.status.text())
+        elif job.state == ProcessState.CANCELLED:
+            resumable = (pathlib.Path(job.outputFolder) / "last.pt").is_file()
+            self.ui.trainingStatusLabel.text = _("Training cancelled.") + (
+                " " + _("Train again with the same output folder to resume from last.pt.") if resumable else "")
+        else:
+            self.ui.trainingStatusLabel.text = _("Training failed.")
+            slicer.util.errorDisplay(_("Training failed: {error}").format(error=job.errorMessage()))
+
+    def _setTraining(self, running: bool) -> None:
+        self._setRunning(running, (self.ui.trainingSourceComboBox, self.ui.trainingFolderLineEdit,
+                                   self.ui.trainingSegmentationsComboBox, self.ui.modalityComboBox,
+                                   self.ui.epochsSpinBox, self.ui.stepsSpinBox, self.ui.trainingDeviceComboBox,
+                                   self.ui.outputFolderLineEdit), self.ui.trainButton, self.ui.trainingProgressBar,
+                         _("Cancel training"), _("Train"))
+
+
+#
+# ROGSegmentLogic
+#
+
+
+class ROGSegmentLogic(ScriptedLoadableModuleLogic, ROGSegmentLib.ROGSegmentLogic):
+    """Adds the module's parameter node to the Qt-free Logic in ROGSegmentLib (all computation and checks)."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        ROGSegmentLib.ROGSegmentLogic.__init__(self)
+
+    def getParameterNode(self):
+        return ROGSegmentParameterNode(super().getParameterNode())
+
+
+#
+# ROGSegmentTest
+#
+
+
+class ROGSegmentTest(ScriptedLoadableModuleTest):
+    """Runs the module Logic on a generated blob volume with a small randomly initialised ROG checkpoint."""
+
+    def setUp(self):
+        """Do whatever is needed to reset the state - typically a scene clear will be enough."""
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        """Run as few or as many tests as needed here."""
+        self.setUp()
+        self.test_ROGSegmentIntoNewSegmentation()
+        self.setUp()
+        self.test_ROGSegmentExportTrainingPairs()
+
+    def _makeCase(self):
+        """A 32^3 CT-like volume with two blob organs (labels 1 liver, 2 kidney) as a volume node."""
+        from DeepImagingCommonLib import nodes
+        from DeepImagingCommonLib.dependencies import ensureTorch
+
+        ensureTorch(askConfirmation=False)
+        from deepimaging.rog.synthetic import make_blob_case
+
+        image, labels = make_blob_case((32, 32, 32), seed=0)
+        return nodes.volumeNodeFromImage(image, "ROGSegmentTestVolume"), labels.array
+
+    def test_ROGSegmentIntoNewSegmentation(self):
+        import torch
+        from deepimaging.core.checkpoint import make_header, save_checkpoint
+        from deepimaging.rog.plan import ChannelInfo, LabelInfo, Plan
+
+        self.delayDisplay("Segmenting a generated volume with a small, randomly initialised ROG checkpoint")
+        volumeNode, _labels = self._makeCase()
+        labels = [LabelInfo(0, "background", "background"), LabelInfo(1, "liver", "organ"),
+                  LabelInfo(2, "kidney", "organ")]
+        plan = Plan("SelfTest", 1, [ChannelInfo("CT", "clip_zscore", 0.0, 300.0, 150.0, 60.0)], labels, (1.0,) * 3,
+                    (1.0,) * 3, None, (32,) * 3, (32,) * 3, ((2, 2, 2), (2, 2, 2)), (1, 1, 1))
+        torch.manual_seed(0)
+        model = plan.build_model()
+        header = make_header("rog", model.config(), preprocessing=plan.to_dict(),
+                             labels={str(lb.value): lb.name for lb in labels})  # as training writes it
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = save_checkpoint(os.path.join(folder, "best.pt"), model.state_dict(), header)
+            segmentationNode = ROGSegmentLogic().segment(volumeNode, checkpoint, device="cpu")
+        segmentation = segmentationNode.GetSegmentation()
+        self.assertEqual([segmentation.GetSegment(i).GetName() for i in segmentation.GetSegmentIDs()],
+                         ["liver", "kidney"])
+        self.assertEqual(segmentationNode.GetNodeReference("referenceImageGeometryRef"), volumeNode)
+        self.delayDisplay("Test passed")
+
+    def test_ROGSegmentExportTrainingPairs(self):
+        from DeepImagingCommonLib import nodes
+
+        self.delayDisplay("Exporting a volume + segmentation pair as a training folder")
+        volumeNode, labels = self._makeCase()
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        nodes.writeMaskToSegment(labels == 2, segmentationNode, volumeNode, name="kidney")
+        with tempfile.TemporaryDirectory() as folder:
+            data = ROGSegmentLogic().exportTrainingData([(volumeNode, segmentationNode)], os.path.join(folder, "data"))
+            meta = json.loads((data.folder / "dataset.json").read_text())
+            self.assertEqual(meta["labels"], {"0": "background", "1": "kidney"})
+            self.assertTrue((data.folder / "labelsTr" / "case_000.nii.gz").is_file())
+        self.delayDisplay("Test passed")
