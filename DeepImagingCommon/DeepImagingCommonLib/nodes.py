@@ -80,8 +80,25 @@ def segmentMask(segmentationNode, segmentId, referenceVolumeNode):
     requireSegment(segmentationNode, segmentId)
     if referenceVolumeNode is None:
         raise InputError("a reference volume is needed to sample the segment")
-    labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode)
-    return np.asarray(labelmap) > 0
+    # Like slicer.util.arrayFromSegmentBinaryLabelmap, but it also removes the temporary
+    # node's display node (that helper leaves one behind in every scene without Slicer's GUI).
+    segmentIds = vtk.vtkStringArray()
+    segmentIds.InsertNextValue(segmentId)
+    labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__temp__")
+    try:
+        if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
+                segmentationNode, segmentIds, labelmapNode, referenceVolumeNode):
+            raise InputError(f"could not sample segment '{segmentId}' on the reference volume's grid")
+        labelmap = slicer.util.arrayFromVolume(labelmapNode) > 0
+    finally:
+        displayNode = labelmapNode.GetDisplayNode()
+        if displayNode is not None:
+            colorNode = displayNode.GetColorNode()
+            slicer.mrmlScene.RemoveNode(displayNode)
+            if colorNode is not None and colorNode.GetSingletonTag() is None:
+                slicer.mrmlScene.RemoveNode(colorNode)
+        slicer.mrmlScene.RemoveNode(labelmapNode)
+    return labelmap
 
 
 def uniqueSegmentName(segmentation, name):

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 PROGRESS_PREFIX = "PROGRESS "
 
@@ -33,6 +34,24 @@ class ProcessState(enum.Enum):
 def pythonExecutable():
     """``PythonSlicer`` inside Slicer (its environment has Slicer's packages), else this Python."""
     return shutil.which("PythonSlicer") or sys.executable
+
+
+def deepimagingEnvironment():
+    """Environment for ``deepimaging`` CLI children: the package importable, unbuffered UTF-8 output.
+
+    Inside Slicer the package sits next to the scripted modules, which PythonSlicer does not
+    put on its path by itself.
+    """
+    import deepimaging
+
+    root = str(Path(deepimaging.__file__).resolve().parents[1])
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+
+
+def deepimagingCommand(*args):
+    """``PythonSlicer -m deepimaging -v <args>`` (this Python outside Slicer)."""
+    return [pythonExecutable(), "-m", "deepimaging", "-v"] + [str(a) for a in args]
 
 
 def progressLine(fraction, message=""):

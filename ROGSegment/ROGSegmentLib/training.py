@@ -10,7 +10,6 @@ tqdm bar supplies the fraction done.  Qt-free, like the rest of ROGSegmentLib.
 
 import collections
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -32,18 +31,8 @@ METRIC = re.compile(r"([A-Za-z_][\w-]*) (-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan
 ERROR_PREFIX = "deepimaging: error:"
 
 
-def childEnvironment():
-    """Environment of the CLI children: the ``deepimaging`` package importable, unbuffered UTF-8 output."""
-    import deepimaging
-
-    root = str(Path(deepimaging.__file__).resolve().parents[1])
-    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
-
-
-def deepimagingCommand(*args):
-    """``PythonSlicer -m deepimaging -v <args>`` (this Python outside Slicer)."""
-    return [process.pythonExecutable(), "-m", "deepimaging", "-v"] + [str(a) for a in args]
+childEnvironment = process.deepimagingEnvironment
+deepimagingCommand = process.deepimagingCommand
 
 
 def trainingSteps(dataFolder, outputFolder, epochs, stepsPerEpoch, device=None):

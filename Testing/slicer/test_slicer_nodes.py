@@ -81,6 +81,18 @@ def test_mask_segment_round_trip_and_replace(headless_slicer, oblique):
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
 
 
+def test_segment_mask_leaves_no_temporary_nodes(headless_slicer, oblique):
+    volume = nodes.volumeNodeFromImage(_image(oblique, (6, 7, 8)), "Grid")
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    mask = np.zeros((6, 7, 8), bool)
+    mask[1:4, 2:5, 3:6] = True
+    segment_id = nodes.writeMaskToSegment(mask, segmentation, volume, name="Box")
+    before = slicer.mrmlScene.GetNumberOfNodes()
+    for _ in range(3):
+        np.testing.assert_array_equal(nodes.segmentMask(segmentation, segment_id, volume), mask)
+    assert slicer.mrmlScene.GetNumberOfNodes() == before
+
+
 def test_write_mask_rejects_wrong_shape_without_leaving_a_segment(headless_slicer):
     volume = nodes.volumeNodeFromImage(_image(np.eye(3)), "Grid")
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
