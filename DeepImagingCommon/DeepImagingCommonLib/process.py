@@ -46,7 +46,10 @@ def deepimagingEnvironment():
 
     root = str(Path(deepimaging.__file__).resolve().parents[1])
     paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+    # DEEPIMAGING_PROGRESS=lines: the CLI prints "PROGRESS <fraction> <message>" lines
+    # (see parseProgressLine) instead of drawing tqdm bars.
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8",
+            "DEEPIMAGING_PROGRESS": "lines"}
 
 
 def deepimagingCommand(*args):

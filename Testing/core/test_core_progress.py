@@ -38,3 +38,13 @@ def test_tqdm_adapter_accepts_fractions():
     with tqdm_progress("test", total=10) as cb:
         cb(0.3, "a")
         cb(1.0, "done")
+
+
+def test_progress_lines_mode_for_background_processes(monkeypatch, capsys):
+    monkeypatch.setenv("DEEPIMAGING_PROGRESS", "lines")
+    with tqdm_progress("train") as cb:
+        cb(0.25, "epoch 1/4")
+        cb(0.2501, "too close, skipped")
+        cb(1.0, "done")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["PROGRESS 0.2500 train: epoch 1/4", "PROGRESS 1.0000 train: done"]

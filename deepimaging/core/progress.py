@@ -59,9 +59,33 @@ def sub_progress(progress: Optional[ProgressCallback], start: float, stop: float
     return child
 
 
+PROGRESS_ENV = "DEEPIMAGING_PROGRESS"
+PROGRESS_PREFIX = "PROGRESS "
+
+
+def progress_line(fraction: float, message: str = "") -> str:
+    """The machine-readable line ``PROGRESS <fraction> <message>`` (parsed by the Slicer modules)."""
+    return f"{PROGRESS_PREFIX}{min(1.0, max(0.0, float(fraction))):.4f} {message}".rstrip()
+
+
 @contextlib.contextmanager
 def tqdm_progress(description: str = "", total: int = 1000) -> Iterator[ProgressCallback]:
-    """A :data:`ProgressCallback` that drives a tqdm bar (used by the CLI)."""
+    """A :data:`ProgressCallback` for the CLI: a tqdm bar, or ``PROGRESS`` lines on stdout when
+    ``$DEEPIMAGING_PROGRESS`` is ``lines`` (what Slicer's background processes ask for)."""
+    import os
+    import sys
+
+    if os.environ.get(PROGRESS_ENV, "").lower() == "lines":
+        last = [-1.0]
+
+        def line_callback(fraction: float, message: str) -> None:
+            if fraction - last[0] >= 0.001 or fraction >= 1.0:
+                last[0] = fraction
+                print(progress_line(fraction, f"{description}: {message}" if description else message),
+                      file=sys.stdout, flush=True)
+
+        yield line_callback
+        return
     from tqdm import tqdm
 
     with tqdm(total=total, desc=description, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}") as bar:
