@@ -173,15 +173,17 @@ class _FastClassicStep:
         self.channels = self.image.shape[0]
         spatial = tuple(self.image.shape[1:])
         self.image_sq_mean = (self.image * self.image).mean(dim=0)
-        self.total = self.image.reshape(self.channels, -1).sum(dim=1)
+        self.flat_image = self.image.reshape(self.channels, -1)
+        self.total = self.flat_image.sum(dim=1)
         self.count = float(self.image[0].numel())
         new = lambda: torch.empty(spatial, dtype=self.image.dtype, device=self.image.device)  # noqa: E731
         self.padded = torch.empty(tuple(s + 2 for s in spatial), dtype=self.image.dtype, device=self.image.device)
         self.central_sq = [new() for _ in range(self.ndim)]
         self.others, self.c_plus, self.c_minus, self.curv, self.weight, self.fit, self.step = (new() for _ in range(7))
         self.outputs = [new(), new()]
-        self.product = torch.empty_like(self.image)
-        self.inside = torch.empty(spatial, dtype=torch.bool, device=self.image.device)
+        self.inside = new()
+        self.eta = torch.tensor(_ETA / max(1, self.ndim - 1), dtype=self.image.dtype, device=self.image.device)
+        self.eps_sq = torch.tensor(params.eps * params.eps, dtype=self.image.dtype, device=self.image.device)
         self.turn = 0
 
     def _pad(self, phi: torch.Tensor) -> torch.Tensor:
@@ -193,6 +195,16 @@ class _FastClassicStep:
             padded.select(a, -1).copy_(padded.select(a, -2))
         return padded
 
+    def _others(self, a: int) -> torch.Tensor:
+        """Sum of the other axes' squared central differences (each already holds its share of eta).
+
+        Summed directly, not as total minus own: that difference cancels badly in float32.
+        """
+        rest = [self.central_sq[b] for b in range(self.ndim) if b != a]
+        if len(rest) == 1:
+            return rest[0]
+        return torch.add(rest[0], rest[1], out=self.others) if len(rest) == 2 else sum(rest[1:], rest[0])
+
     def __call__(self, phi: torch.Tensor) -> torch.Tensor:
         p, ndim, h = self.params, self.ndim, self.h
         phi = phi[0]
@@ -202,38 +214,47 @@ class _FastClassicStep:
             m, pl = _shift_views(padded, a, ndim)
             minus.append(m)
             plus.append(pl)
-            torch.sub(pl, m, out=self.central_sq[a]).mul_(0.5 / h[a]).square_()
-        curv, weight = self.curv.zero_(), self.weight.zero_()
-        c_plus, c_minus, others = self.c_plus, self.c_minus, self.others
+            diff = torch.sub(pl, m, out=self.c_plus)
+            torch.addcmul(self.eta, diff, diff, value=0.25 / (h[a] * h[a]), out=self.central_sq[a])
+        curv, weight, c_plus, c_minus = self.curv, self.weight, self.c_plus, self.c_minus
         for a in range(ndim):
-            # sum of the other axes' squared central differences (not total minus own: that cancels badly)
-            rest = [self.central_sq[b] for b in range(ndim) if b != a]
-            torch.add(rest[0], _ETA, out=others)
-            for extra in rest[1:]:
-                others.add_(extra)
-            torch.sub(plus[a], phi, out=c_plus).mul_(1.0 / h[a]).square_().add_(others).rsqrt_()
-            torch.sub(phi, minus[a], out=c_minus).mul_(1.0 / h[a]).square_().add_(others).rsqrt_()
+            others = self._others(a)
             inv_h2 = 1.0 / (h[a] * h[a])
-            if inv_h2 != 1.0:
-                c_plus.mul_(inv_h2)
-                c_minus.mul_(inv_h2)
-            curv.addcmul_(plus[a], c_plus).addcmul_(minus[a], c_minus)
-            weight.add_(c_plus).add_(c_minus)
-        inside = torch.gt(phi, 0, out=self.inside)
+            diff = torch.sub(plus[a], phi, out=c_plus)
+            torch.addcmul(others, diff, diff, value=inv_h2, out=c_plus).rsqrt_()
+            diff = torch.sub(phi, minus[a], out=c_minus)
+            torch.addcmul(others, diff, diff, value=inv_h2, out=c_minus).rsqrt_()
+            if a == 0:
+                torch.mul(plus[a], c_plus, out=curv).addcmul_(minus[a], c_minus)
+                torch.add(c_plus, c_minus, out=weight)
+                if inv_h2 != 1.0:
+                    curv.mul_(inv_h2)
+                    weight.mul_(inv_h2)
+            else:
+                curv.addcmul_(plus[a], c_plus, value=inv_h2).addcmul_(minus[a], c_minus, value=inv_h2)
+                weight.add_(c_plus, alpha=inv_h2).add_(c_minus, alpha=inv_h2)
+        inside = torch.gt(phi, 0, out=self.inside)          # 1.0 / 0.0
         n_in = float(inside.sum())
         n_out = self.count - n_in
-        sum_in = torch.mul(self.image, inside, out=self.product).reshape(self.channels, -1).sum(dim=1)
+        sum_in = self.flat_image @ inside.reshape(-1)
         c1 = sum_in / n_in if n_in > 0 else torch.zeros_like(sum_in)
         c2 = (self.total - sum_in) / n_out if n_out > 0 else torch.zeros_like(sum_in)
         # mean_c[-l1 (I - c1)^2 + l2 (I - c2)^2] expanded: a * mean(I^2) + sum_c b_c I_c + const
         coef = ((2.0 / self.channels) * (p.lambda1 * c1 - p.lambda2 * c2)).tolist()
         const = float(((p.lambda2 * c2 * c2 - p.lambda1 * c1 * c1).sum()) / self.channels)
-        fit = torch.mul(self.image_sq_mean, p.lambda2 - p.lambda1, out=self.fit).add_(const)
-        for c in range(self.channels):
+        if p.lambda2 != p.lambda1:
+            fit = torch.mul(self.image_sq_mean, p.lambda2 - p.lambda1, out=self.fit).add_(self.image[0], alpha=coef[0])
+        else:
+            fit = torch.mul(self.image[0], coef[0], out=self.fit)
+        for c in range(1, self.channels):
             fit.add_(self.image[c], alpha=coef[c])
-        step = torch.mul(phi, phi, out=self.step).add_(p.eps * p.eps).reciprocal_().mul_(p.dt * p.eps / math.pi)
-        numerator = curv.mul_(p.mu).add_(fit).mul_(step).add_(phi)
-        denominator = weight.mul_(step).mul_(p.mu).add_(1.0)
+        fit.add_(const)
+        # semi-implicit update; delta_eps(phi) = (eps / pi) * 1 / (eps^2 + phi^2)
+        k = p.dt * p.eps / math.pi
+        inverse = torch.addcmul(self.eps_sq, phi, phi, out=self.step).reciprocal_()
+        numerator = curv.mul_(p.mu).add_(fit).mul_(inverse)
+        numerator = torch.add(phi, numerator, alpha=k, out=numerator)
+        denominator = weight.mul_(inverse).mul_(p.mu * k).add_(1.0)
         self.turn ^= 1
         out = torch.div(numerator, denominator, out=self.outputs[self.turn])
         return out.unsqueeze(0)
@@ -295,7 +316,7 @@ def chan_vese(image: Union[np.ndarray, torch.Tensor], phi0: Union[np.ndarray, to
                 phi = step(phi)
                 it += 1
                 if old is not None:
-                    change = torch.sqrt(torch.mean((phi - old) ** 2)).item()
+                    change = torch.dist(phi, old).item() / math.sqrt(phi.numel())  # RMS change
                     report(progress, it / params.max_iterations, f"iteration {it}, change {change:.2e}")
                     if change <= params.tolerance:
                         converged = True
