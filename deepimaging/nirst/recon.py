@@ -1,0 +1,344 @@
+"""Reconstruction API of NIRSTRecon: measurement file + MRI -> HbO, Hb, water, HbT, StO2 maps.
+
+This is what the Slicer module, the CLI and the demo call.  Conventions:
+
+* Measurements: raw CW amplitudes (positive, not logarithms), ``W * N * (N - 1)`` values --
+  2160 for the 9 paper wavelengths and 16 optodes -- in the order wavelength, source, detector
+  (source-major; for each source the other optodes in increasing index; see
+  :mod:`deepimaging.nirst.forward`).  Optode 0 sits on the +x (image i) axis from the disk
+  centre, numbered counter-clockwise towards +y (image j).
+* Network grid: 100 x 100 pixels over the disk's bounding square (82 mm -> 0.82 mm pixels),
+  row = +y, col = +x.  :func:`reconstruct_image` resamples any 2D MRI (or one slice) onto it --
+  the disk centred on the image centre unless ``disk_centre_ijk`` says otherwise -- and maps the
+  results back onto the MRI's own grid and geometry (zero outside the disk).
+* Outputs: HbO and Hb in uM, water in %, HbT = HbO + Hb in uM, StO2 = 100 HbO / HbT in %;
+  concentrations are clipped at 0 (a physical bound the linear output layer does not know).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from deepimaging.core.checkpoint import Checkpoint, load_checkpoint
+from deepimaging.core.device import DeviceLike, autocast, select_device
+from deepimaging.core.errors import CheckpointError, InputError
+from deepimaging.core.image import Image
+
+from .data import Normalisation
+from .mesh import DEFAULT_DIAMETER_MM, DEFAULT_GRID_SIZE, disk_mask
+from .optics import WAVELENGTHS_NM
+from .train import METHODS, build_network
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "znet_default.pt"
+OUTPUT_NAMES = ("HbO", "Hb", "water", "HbT", "StO2")
+OUTPUT_UNITS = {"HbO": "uM", "Hb": "uM", "water": "%", "HbT": "uM", "StO2": "%"}
+PathLike = Union[str, Path]
+
+
+def read_measurements(path: PathLike) -> np.ndarray:
+    """Amplitudes from a file as a flat float64 vector, in the file's reading order.
+
+    * ``.csv`` / ``.txt``: numbers separated by commas, semicolons, tabs or spaces; one value per
+      line, one row of values, or any table -- read row by row, left to right, which must give
+      the wavelength, source, detector order (e.g. 2160 lines, or 144 rows = 9 wavelengths x 16
+      sources of 15 detector columns).  Non-numeric lines (a header) are skipped.
+    * ``.npz``: the array under the key ``amplitudes`` (any shape, flattened in C order);
+      ``.npy``: the array itself.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"measurement file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if "amplitudes" not in archive.files:
+                raise InputError(f"{path} has no 'amplitudes' array (keys: {', '.join(archive.files) or 'none'})")
+            values = np.asarray(archive["amplitudes"], dtype=np.float64).ravel()
+    elif suffix == ".npy":
+        values = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64).ravel()
+    elif suffix in (".csv", ".txt", ".tsv"):
+        values = _read_text_table(path)
+    else:
+        raise InputError(f"cannot read measurements from {path.name}: use .csv, .txt, .npz (key 'amplitudes') or .npy")
+    if values.size == 0:
+        raise InputError(f"{path} holds no measurements")
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{path} holds {int(np.sum(~np.isfinite(values)))} non-finite value(s)")
+    return values
+
+
+def _read_text_table(path: Path) -> np.ndarray:
+    values = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = [f for f in line.replace(",", " ").replace(";", " ").split() if f]
+        if not fields:
+            continue
+        try:
+            values.extend(float(f) for f in fields)
+        except ValueError:
+            if values:  # text after numbers is not a header: refuse rather than guess
+                raise InputError(f"{path}:{number}: not a number in {line.strip()!r}") from None
+    return np.asarray(values, dtype=np.float64)
+
+
+class Reconstructor:
+    """A loaded Z-Net / Y-Net checkpoint ready to reconstruct (see :func:`load_reconstructor`)."""
+
+    def __init__(self, checkpoint: Checkpoint, device: DeviceLike = None, path: Optional[Path] = None) -> None:
+        config = checkpoint.config
+        self.path = path
+        self.header = checkpoint.header
+        self.method = checkpoint.method
+        try:
+            self.arch = str(config["arch"])
+            self.n_optodes = int(config["n_optodes"])
+            self.wavelengths_nm = tuple(int(w) for w in config["wavelengths_nm"])
+            self.grid_size = int(config.get("grid_size", DEFAULT_GRID_SIZE))
+            self.diameter_mm = float(config.get("diameter_mm", DEFAULT_DIAMETER_MM))
+            self.normalisation = Normalisation.from_tensors(checkpoint.extra_tensors)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path or 'checkpoint'}: incomplete NIRST checkpoint (missing {exc})") from exc
+        if self.normalisation.normalizer.n_optodes != self.n_optodes:
+            raise CheckpointError(f"{path}: normaliser and config disagree on the optode count")
+        self.device = select_device(device)
+        try:
+            self.model = build_network(self.arch, self.n_optodes, len(self.wavelengths_nm), config.get("net_config"))
+            self.model.load_state_dict(checkpoint.state_dict)
+        except (InputError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path or 'checkpoint'}: weights do not fit a {self.arch} "
+                                  f"({str(exc).splitlines()[0]})") from exc
+        self.model.to(self.device).float().eval()
+        self.disk = disk_mask(0.5 * self.diameter_mm, self.grid_size)
+
+    @property
+    def n_measurements(self) -> int:
+        return len(self.wavelengths_nm) * self.n_optodes * (self.n_optodes - 1)
+
+    @property
+    def pixel_mm(self) -> float:
+        return self.diameter_mm / self.grid_size
+
+    def check_measurements(self, measurements: np.ndarray) -> np.ndarray:
+        """Validate one measurement vector: count, finiteness, positivity (clear InputErrors)."""
+        values = np.asarray(measurements, dtype=np.float64)
+        if values.ndim != 1:
+            values = values.squeeze()
+        if values.ndim != 1:
+            raise InputError(f"measurements must be a flat vector, got an array of shape {np.shape(measurements)}")
+        if values.size != self.n_measurements:
+            raise InputError(
+                f"expected {self.n_measurements} measurements ({len(self.wavelengths_nm)} wavelengths x "
+                f"{self.n_optodes} sources x {self.n_optodes - 1} detectors, the layout this checkpoint was "
+                f"trained on) but got {values.size}")
+        if not np.all(np.isfinite(values)):
+            raise InputError(f"{int(np.sum(~np.isfinite(values)))} measurement(s) are NaN or infinite")
+        bad = np.flatnonzero(values <= 0)
+        if bad.size:
+            raise InputError(f"{bad.size} amplitude(s) are zero or negative (first at index {bad[0]}); "
+                             "raw positive CW amplitudes are needed, not log data")
+        return values
+
+    def check_mri(self, mri: np.ndarray) -> np.ndarray:
+        image = np.asarray(mri, dtype=np.float32)
+        if image.ndim != 2:
+            raise InputError(f"the MRI must be a 2D (y, x) array, got {image.ndim}-D shape {image.shape}")
+        if image.shape != (self.grid_size, self.grid_size):
+            raise InputError(f"the MRI must be {self.grid_size}x{self.grid_size} on the disk's bounding square, "
+                             f"got {image.shape[0]}x{image.shape[1]}; reconstruct_image resamples other grids")
+        if not np.all(np.isfinite(image)):
+            raise InputError("the MRI has NaN or infinite pixels")
+        if not np.any(image[self.disk] > 0):
+            raise InputError("the MRI has no positive signal inside the imaging disk")
+        return np.where(self.disk, image, 0.0).astype(np.float32)
+
+    def reconstruct_batch(self, measurements: np.ndarray, mri: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """(B, n_meas) amplitudes + (B, H, W) MRI -> (B, 3, H, W) HbO uM / Hb uM / water %, no checks."""
+        signals, images = self.normalisation.inputs(measurements, mri)
+        return self.predict_normalised(signals, images, batch_size)
+
+    def predict_normalised(self, signals: torch.Tensor, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """Already-normalised inputs -> physical maps (clipped at 0, zero outside the disk)."""
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, len(signals), batch_size):
+                s = signals[start:start + batch_size].to(self.device)
+                m = images[start:start + batch_size].to(self.device)
+                with autocast(self.device):
+                    outputs.append(self.normalisation.to_physical(self.model(s, m)))
+        maps = np.concatenate(outputs) if outputs else np.zeros((0, 3, self.grid_size, self.grid_size), np.float32)
+        return np.where(self.disk, np.clip(maps, 0.0, None), 0.0).astype(np.float32)
+
+    def reconstruct(self, measurements: np.ndarray, mri: np.ndarray) -> Dict[str, np.ndarray]:
+        """One phantom/patient: amplitudes (n_meas,) + MRI (grid, grid) -> five (grid, grid) float32 maps."""
+        values = self.check_measurements(measurements)
+        image = self.check_mri(mri)
+        maps = self.reconstruct_batch(values[None, :], image[None])[0]
+        return derived_maps(maps)
+
+
+def derived_maps(maps: np.ndarray) -> Dict[str, np.ndarray]:
+    """(3, H, W) HbO/Hb/water -> dict with HbT and StO2 added, all float32."""
+    hbo, hb, water = (np.asarray(m, dtype=np.float32) for m in maps)
+    hbt = hbo + hb
+    sto2 = np.where(hbt > 0, 100.0 * hbo / np.maximum(hbt, 1e-12), 0.0).astype(np.float32)
+    return {"HbO": hbo, "Hb": hb, "water": water, "HbT": hbt, "StO2": sto2}
+
+
+def load_reconstructor(checkpoint: Optional[PathLike] = None, device: DeviceLike = None,
+                       wavelengths: Optional[Sequence[int]] = WAVELENGTHS_NM,
+                       n_optodes: Optional[int] = None) -> Reconstructor:
+    """Load a Z-Net (default: the shipped one) or Y-Net checkpoint.
+
+    ``wavelengths`` / ``n_optodes``: what the user's system measures; a checkpoint trained for
+    anything else raises :class:`CheckpointError` (``None`` accepts the checkpoint's own).
+    """
+    path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+    if checkpoint is None and not path.is_file():
+        raise CheckpointError(
+            f"the shipped Z-Net checkpoint is not installed ({path} is missing): train one with "
+            "`deepimaging nirst train --arch znet --export <file>` and copy it there, or pass a checkpoint file")
+    ckpt = load_checkpoint(path)
+    if ckpt.method not in METHODS.values():
+        raise CheckpointError(f"{path} is a {ckpt.method!r} checkpoint; NIRST reconstruction needs one of "
+                              f"{', '.join(sorted(METHODS.values()))}")
+    trained = [int(w) for w in ckpt.config.get("wavelengths_nm", [])]
+    if wavelengths is not None and trained != [int(w) for w in wavelengths]:
+        raise CheckpointError(f"{path} was trained at wavelengths {trained} nm, but the measurements are at "
+                              f"{[int(w) for w in wavelengths]} nm")
+    if n_optodes is not None and int(ckpt.config.get("n_optodes", -1)) != int(n_optodes):
+        raise CheckpointError(f"{path} was trained with {ckpt.config.get('n_optodes')} optodes, but the "
+                              f"measurements come from {n_optodes}")
+    return Reconstructor(ckpt, device, path)
+
+
+# -- MRI geometry <-> network grid -----------------------------------------------------------
+def extract_slice(image: Image, index: int) -> Image:
+    """Slice ``index`` (k) of a 3D image as a single-slice image with its own origin."""
+    depth = image.array.shape[0]
+    if not -depth <= index < depth:
+        raise InputError(f"slice {index} is outside the image's {depth} slices")
+    k = index % depth
+    origin = np.asarray(image.origin) + image.direction[:, 2] * image.spacing[2] * k
+    return Image(image.array[k:k + 1].copy(), image.spacing, tuple(origin), image.direction.copy())
+
+
+def _plane(mri: Image) -> np.ndarray:
+    if mri.array.shape[0] != 1:
+        raise InputError(f"the MRI must be 2D or a single slice (1, y, x), got {mri.array.shape[0]} slices "
+                         f"(shape {mri.array.shape}); choose the slice of the NIRST plane first")
+    plane = np.asarray(mri.array[0], dtype=np.float64)
+    if min(plane.shape) < 8:
+        raise InputError(f"the MRI slice is too small ({plane.shape[1]}x{plane.shape[0]} pixels)")
+    if not np.all(np.isfinite(plane)):
+        raise InputError("the MRI has NaN or infinite pixels")
+    return plane
+
+
+def grid_coordinates(mri: Image, diameter_mm: float, grid_size: int,
+                     disk_centre_ijk: Optional[Tuple[float, float]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Continuous MRI indices (i, j) of the network-grid pixel centres, each (grid, grid)."""
+    ny, nx = mri.array.shape[1:]
+    ci, cj = disk_centre_ijk if disk_centre_ijk is not None else ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    pitch = diameter_mm / grid_size
+    axis = -0.5 * diameter_mm + (np.arange(grid_size) + 0.5) * pitch
+    x, y = np.meshgrid(axis, axis, indexing="xy")
+    return ci + x / mri.spacing[0], cj + y / mri.spacing[1]
+
+
+def resample_mri(mri: Image, diameter_mm: float = DEFAULT_DIAMETER_MM, grid_size: int = DEFAULT_GRID_SIZE,
+                 disk_centre_ijk: Optional[Tuple[float, float]] = None) -> np.ndarray:
+    """The MRI plane on the network grid (bilinear); the disk must lie inside the image."""
+    plane = _plane(mri)
+    ii, jj = grid_coordinates(mri, diameter_mm, grid_size, disk_centre_ijk)
+    ny, nx = plane.shape
+    disk = disk_mask(0.5 * diameter_mm, grid_size)
+    if ii[disk].min() < -0.5 or jj[disk].min() < -0.5 or ii[disk].max() > nx - 0.5 or jj[disk].max() > ny - 0.5:
+        raise InputError(f"the {diameter_mm:g} mm imaging disk does not fit in the MRI slice "
+                         f"({nx * mri.spacing[0]:.1f} x {ny * mri.spacing[1]:.1f} mm); check its spacing/centre")
+    values = ndimage.map_coordinates(plane, [jj.ravel(), ii.ravel()], order=1, mode="nearest")
+    return np.where(disk, values.reshape(grid_size, grid_size), 0.0).astype(np.float32)
+
+
+def maps_to_image(maps: Dict[str, np.ndarray], mri: Image, diameter_mm: float = DEFAULT_DIAMETER_MM,
+                  disk_centre_ijk: Optional[Tuple[float, float]] = None) -> Dict[str, Image]:
+    """Network-grid maps -> images on the MRI's grid and geometry (bilinear, zero outside the disk)."""
+    ny, nx = mri.array.shape[1:]
+    grid_size = next(iter(maps.values())).shape[-1]
+    ci, cj = disk_centre_ijk if disk_centre_ijk is not None else ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    i, j = np.meshgrid(np.arange(nx, dtype=float), np.arange(ny, dtype=float), indexing="xy")
+    x, y = (i - ci) * mri.spacing[0], (j - cj) * mri.spacing[1]
+    pitch = diameter_mm / grid_size
+    col, row = (x + 0.5 * diameter_mm) / pitch - 0.5, (y + 0.5 * diameter_mm) / pitch - 0.5
+    inside = np.hypot(x, y) < 0.5 * diameter_mm
+    out = {}
+    for name, values in maps.items():
+        sampled = ndimage.map_coordinates(np.asarray(values, dtype=np.float64), [row.ravel(), col.ravel()],
+                                          order=1, mode="nearest").reshape(ny, nx)
+        out[name] = mri.with_array(np.where(inside, sampled, 0.0).astype(np.float32)[None])
+    return out
+
+
+def reconstruct_image(measurements: np.ndarray, mri: Image, checkpoint: Optional[PathLike] = None,
+                      device: DeviceLike = None, reconstructor: Optional[Reconstructor] = None,
+                      disk_centre_ijk: Optional[Tuple[float, float]] = None) -> Dict[str, Image]:
+    """Measurements + an MRI :class:`Image` (2D or one slice) -> HbO/Hb/water/HbT/StO2 images on its grid.
+
+    Pass ``reconstructor`` to reuse a loaded network; ``disk_centre_ijk`` (i, j) places the disk
+    centre in the MRI (default: the image centre).
+    """
+    if not isinstance(mri, Image):
+        raise InputError("reconstruct_image needs the MRI as a deepimaging Image (array + geometry)")
+    rec = reconstructor or load_reconstructor(checkpoint, device)
+    values = rec.check_measurements(measurements)
+    grid_mri = resample_mri(mri, rec.diameter_mm, rec.grid_size, disk_centre_ijk)
+    maps = rec.reconstruct(values, grid_mri)
+    return maps_to_image(maps, mri, rec.diameter_mm, disk_centre_ijk)
+
+
+def hbt_contrast(hbt_map: Union[np.ndarray, Image], inside_mask: Union[np.ndarray, Image],
+                 disk: Optional[np.ndarray] = None) -> float:
+    """Mean HbT inside the mask / mean HbT in the rest of the disk (the paper's read-out).
+
+    The disk defaults to the map's non-zero pixels (maps are zero outside the imaging disk).
+    """
+    hbt = np.asarray(hbt_map.array if isinstance(hbt_map, Image) else hbt_map, dtype=np.float64)
+    mask = np.asarray(inside_mask.array if isinstance(inside_mask, Image) else inside_mask).astype(bool)
+    if hbt.shape != mask.shape:
+        raise InputError(f"the HbT map {hbt.shape} and the mask {mask.shape} must have the same shape")
+    region = (hbt > 0) if disk is None else np.asarray(disk, dtype=bool).reshape(hbt.shape)
+    inside, outside = mask & region, region & ~mask
+    if not inside.any():
+        raise InputError("the mask does not overlap the reconstructed disk")
+    if not outside.any() or hbt[outside].mean() <= 0:
+        raise InputError("no background left in the disk outside the mask")
+    return float(hbt[inside].mean() / hbt[outside].mean())
+
+
+def simulate_example(seed: int = 0) -> Tuple[np.ndarray, Image, Dict[str, np.ndarray]]:
+    """A paper-style phantom to try reconstruction: (amplitudes, MRI Image, truth maps).
+
+    The MRI is 100 x 100 with 0.82 mm pixels centred on the origin (the network grid, identity
+    direction); ``truth`` holds the five maps plus ``inclusion_mask`` (bool) on that grid.
+    """
+    from .simulate import simulate_phantoms
+    from .metrics import inclusion_masks
+
+    data = simulate_phantoms(1, seed=int(seed), workers=1)
+    pitch = DEFAULT_DIAMETER_MM / DEFAULT_GRID_SIZE
+    corner = -0.5 * DEFAULT_DIAMETER_MM + 0.5 * pitch
+    mri = Image(data["mri"][0][None], (pitch, pitch, pitch), (corner, corner, 0.0))
+    truth = derived_maps(data["maps"][0])
+    masks = inclusion_masks(data["inclusion_centres_mm"], data["inclusion_diameters_mm"],
+                            data["inclusion_count"], DEFAULT_GRID_SIZE)
+    truth["inclusion_mask"] = masks[0].any(axis=0)
+    return data["measurements"][0].astype(np.float64), mri, truth
+
+
+__all__ = ["DEFAULT_CHECKPOINT", "OUTPUT_NAMES", "OUTPUT_UNITS", "Reconstructor", "derived_maps", "extract_slice",
+           "hbt_contrast", "load_reconstructor", "maps_to_image", "read_measurements", "reconstruct_image",
+           "resample_mri", "simulate_example"]
