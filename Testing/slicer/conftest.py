@@ -3,6 +3,8 @@ Slicer's application wires it, so ``slicer.util``'s volume and segment helpers a
 Logic run exactly as inside Slicer (see shared SLICER-CORE.md for why each step is needed).
 """
 
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -173,3 +175,28 @@ def _oriented_image(array, ijk_to_ras, extent_start=(0, 0, 0)):
 def make_oriented():
     """Factory ``(array, ijk_to_ras, extent_start=(0, 0, 0)) -> vtkOrientedImageData``, as the editor holds images."""
     return _oriented_image
+
+
+_BLOCK_TORCH = ("import sys\n"
+                "class Block:\n"
+                "    def find_spec(self, name, path=None, target=None):\n"
+                "        if name == 'torch' or name.startswith('torch.'):\n"
+                "            raise ModuleNotFoundError(\"No module named 'torch'\")\n"
+                "sys.meta_path.insert(0, Block())\n")
+
+
+@pytest.fixture
+def run_without_torch():
+    """Run ``code`` in a fresh Python with ``module``'s folder on the path, where importing torch
+    fails unless ``block_torch=False``.
+
+    Modules must load in Slicer before torch is installed (torch comes on first Apply).
+    """
+    def run(module: str, code: str, block_torch: bool = True) -> subprocess.CompletedProcess:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(REPO), str(REPO / "DeepImagingCommon"), str(REPO / module)] + sys.path))
+        prelude = _BLOCK_TORCH if block_torch else ""
+        return subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    return run

@@ -2,9 +2,6 @@
 
 import ast
 import dataclasses
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,25 +158,18 @@ def test_module_defaults_are_the_logic_defaults():
     assert {f.name for f in dataclasses.fields(ChanVeseParams)} >= {"mu", "lambda1", "lambda2", "max_iterations"}
 
 
-def test_module_libs_import_without_torch():
+def test_module_libs_import_without_torch(run_without_torch):
     """Modules must load in Slicer before torch is installed (torch comes on first Apply)."""
     code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torch' or name.startswith('torch.'):\n"
-            "            raise ModuleNotFoundError(\"No module named 'torch'\")\n"
-            "sys.meta_path.insert(0, Block())\n"
             "import LevelSetRefineLib, DeepImagingCommonLib.nodes, DeepImagingCommonLib.dependencies\n"
             "import DeepImagingCommonLib.process\n"
             "assert DeepImagingCommonLib.dependencies.installedTorchVersion() is not None\n"
             "assert 'torch' not in sys.modules\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO), str(REPO / "DeepImagingCommon"), str(REPO / "LevelSetRefine")] + sys.path))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = run_without_torch("LevelSetRefine", code)
     assert result.returncode == 0, result.stderr
 
 
-def test_refinement_needs_only_what_slicer_ships_plus_torch():
+def test_refinement_needs_only_what_slicer_ships_plus_torch(run_without_torch):
     """Inside Slicer only numpy, scipy, SimpleITK, VTK (bundled) and torch (PyTorch extension) exist."""
     code = ("import sys\n"
             "BLOCKED = ('skimage', 'monai', 'slicerio', 'tqdm', 'matplotlib', 'sklearn', 'pandas', 'psutil')\n"
@@ -196,8 +186,6 @@ def test_refinement_needs_only_what_slicer_ships_plus_torch():
             "image = Image(np.where(truth, 1.0, 0.0) + np.random.default_rng(0).normal(0, 0.2, truth.shape))\n"
             "rough = np.zeros_like(truth); rough[4:8, 9:15, 9:15] = True\n"
             "assert refineImageMask(image, rough, device='cpu').mask.any()\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO), str(REPO / "DeepImagingCommon"), str(REPO / "LevelSetRefine")] + sys.path))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = run_without_torch("LevelSetRefine", code, block_torch=False)
     assert result.returncode == 0, result.stderr
 

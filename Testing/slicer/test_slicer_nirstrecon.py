@@ -1,8 +1,6 @@
 """NIRSTRecon Logic on real MRML nodes: phantom, 2D and 3D MRI, HbT contrast, bad input, training."""
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -348,19 +346,12 @@ def test_cancel_kills_the_training_process(tiny_dataset, tmp_path):
         os.kill(pid, 0)
 
 
-def test_module_lib_imports_without_torch():
+def test_module_lib_imports_without_torch(run_without_torch):
     """The module must load in Slicer before torch is installed (torch comes on first Apply)."""
     code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torch' or name.startswith('torch.'):\n"
-            "            raise ModuleNotFoundError(\"No module named 'torch'\")\n"
-            "sys.meta_path.insert(0, Block())\n"
             "import NIRSTReconLib\n"
             "from NIRSTReconLib import NIRSTReconLogic, sliceImage, trainingProgress\n"
             "NIRSTReconLogic()\n"
             "assert 'torch' not in sys.modules and 'deepimaging.nirst' not in sys.modules\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO), str(REPO / "DeepImagingCommon"), str(REPO / "NIRSTRecon")] + sys.path))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = run_without_torch("NIRSTRecon", code)
     assert result.returncode == 0, result.stderr

@@ -1,9 +1,7 @@
 """ROGSegment Logic on real MRML nodes: inference into a new segmentation, training export, training jobs, bad input."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -415,18 +413,11 @@ def test_cli_errors_reach_the_panel(scene_pairs, tmp_path):
     assert job.bestCheckpoint is None
 
 
-def test_module_lib_imports_without_torch():
+def test_module_lib_imports_without_torch(run_without_torch):
     """The module must load in Slicer before torch is installed (torch comes on first Apply)."""
     code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torch' or name.startswith('torch.'):\n"
-            "            raise ModuleNotFoundError(\"No module named 'torch'\")\n"
-            "sys.meta_path.insert(0, Block())\n"
             "import ROGSegmentLib\n"
             "assert ROGSegmentLib.segmentColor(9) != ROGSegmentLib.segmentColor(1)\n"
             "assert 'torch' not in sys.modules\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO), str(REPO / "DeepImagingCommon"), str(REPO / "ROGSegment")] + sys.path))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = run_without_torch("ROGSegment", code)
     assert result.returncode == 0, result.stderr
