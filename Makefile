@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python Testing/bench/bench_chanvese.py
+	$(BIN)/python Testing/bench/bench_rog_vs_monai.py --quick
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
