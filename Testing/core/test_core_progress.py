@@ -48,3 +48,4 @@ def test_progress_lines_mode_for_background_processes(monkeypatch, capsys):
         cb(1.0, "done")
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["PROGRESS 0.2500 train: epoch 1/4", "PROGRESS 1.0000 train: done"]
+

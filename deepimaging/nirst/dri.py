@@ -51,6 +51,7 @@ import numpy as np
 from scipy import ndimage
 
 from deepimaging.core.errors import InputError
+from deepimaging.core.parallel import single_threaded_children
 from deepimaging.core.progress import CancelToken, ProgressCallback, check_cancel, report
 
 from .forward import DiffusionForwardModel
@@ -63,7 +64,6 @@ from .mesh import (
     pixel_to_node_matrix,
 )
 from .optics import WAVELENGTHS_NM, reduced_scattering, spectral_matrix
-from .simulate import _single_threaded_children
 
 # Homogeneous reference medium: the middle background level of each chromophore
 # (phantoms.BACKGROUND_LEVELS) -- HbO uM, Hb uM, water %.
@@ -310,7 +310,7 @@ def run_dri(measurements: np.ndarray, mri: np.ndarray, reference: np.ndarray, n_
             report(progress, len(results) / len(tasks), f"DRI {len(results)}/{len(tasks)}")
     else:
         context = multiprocessing.get_context("spawn")
-        with _single_threaded_children():
+        with single_threaded_children():
             pool = context.Pool(workers, initializer=_init_dri_worker, initargs=(settings, reference))
         try:
             for maps in pool.imap(_dri_one, tasks):

@@ -24,10 +24,11 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from deepimaging.core.parallel import single_threaded_children
 from deepimaging.core.progress import CancelToken, ProgressCallback, check_cancel, report
 
 from .forward import DEFAULT_REFRACTIVE_INDEX, DiffusionForwardModel
@@ -55,28 +56,6 @@ PER_PHANTOM_KEYS = (
 )
 
 _WORKER_STATE: Dict[str, Any] = {}
-# Each worker is one process per core: its BLAS must stay single-threaded, or 2 workers x N BLAS
-# threads oversubscribe the cores (measured 5x slower on the 2-core machine).
-_THREAD_LIMIT_VARIABLES = (
-    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
-)
-
-
-@contextlib.contextmanager
-def _single_threaded_children() -> Iterator[None]:
-    """Environment inherited by processes started inside the block: one BLAS/OpenMP thread."""
-    saved = {name: os.environ.get(name) for name in _THREAD_LIMIT_VARIABLES}
-    os.environ.update({name: "1" for name in _THREAD_LIMIT_VARIABLES})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def shard_range(n: int, k: int, nshards: int) -> Tuple[int, int]:
     """(start, count) of shard ``k`` of ``nshards`` contiguous, near-equal shards of ``n`` phantoms."""
     if nshards < 1 or not 0 <= k < nshards:
@@ -191,7 +170,7 @@ def simulate_phantoms(
     else:
         # "spawn": workers start clean (no inherited threads, Qt or torch state from the host).
         context = multiprocessing.get_context("spawn")
-        with _single_threaded_children():
+        with single_threaded_children():
             pool = context.Pool(workers, initializer=_init_worker, initargs=(settings,))
         try:
             for chunk_result in pool.imap(_simulate_chunk_in_worker, chunks):
