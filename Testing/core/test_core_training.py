@@ -78,7 +78,8 @@ def test_format_seconds():
 
 SCRIPT = textwrap.dedent('''
     import sys, torch
-    from deepimaging.core.distributed import init_distributed, wrap_model, all_reduce_mean, rank_seed, shutdown
+    from deepimaging.core.distributed import (init_distributed, wrap_model, all_reduce_mean, all_reduce_sum,
+                                              all_gather_objects, rank_seed, shutdown)
     ctx = init_distributed("cpu")
     torch.manual_seed(0)
     model = wrap_model(torch.nn.Linear(4, 1), ctx)
@@ -89,7 +90,10 @@ SCRIPT = textwrap.dedent('''
         loss = model(x).pow(2).mean()
         opt.zero_grad(); loss.backward(); opt.step()
     mean = all_reduce_mean(float(ctx.rank), ctx)
-    torch.save({"w": model.module.weight.detach(), "mean": mean, "world": ctx.world_size}, sys.argv[1] + f"/rank{ctx.rank}.pt")
+    total = all_reduce_sum(torch.tensor([1.0, float(ctx.rank)]), ctx)
+    names = all_gather_objects(f"rank-{ctx.rank}", ctx)
+    torch.save({"w": model.module.weight.detach(), "mean": mean, "world": ctx.world_size, "total": total,
+                "names": names}, sys.argv[1] + f"/rank{ctx.rank}.pt")
     shutdown(ctx)
 ''')
 
@@ -105,4 +109,5 @@ def test_two_process_ddp_ranks_end_identical(tmp_path):
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     assert r0["world"] == 2 and r0["mean"] == pytest.approx(0.5)
+    assert r0["total"].tolist() == [2.0, 1.0] and r1["names"] == ["rank-0", "rank-1"]
     assert torch.equal(r0["w"], r1["w"])

@@ -85,6 +85,29 @@ def all_reduce_mean(value: float, ctx: DistContext) -> float:
     return float(t.item()) / ctx.world_size
 
 
+def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Element-wise sum over ranks of a (small) tensor; returned on the CPU."""
+    if not ctx.distributed:
+        return values
+    t = values.to(ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def all_gather_objects(obj, ctx: DistContext) -> list:
+    """Every rank's picklable ``obj`` (e.g. a checksum string), in rank order."""
+    if not ctx.distributed:
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def group_initialized() -> bool:
+    """True when a process group already exists (then its creator also destroys it)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def broadcast_flag(flag: bool, ctx: DistContext) -> bool:
     """Rank 0's boolean (e.g. 'cancel' or 'new best') seen by every rank."""
     if not ctx.distributed:

@@ -31,12 +31,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from monai.losses import DiceCELoss
 
 from deepimaging.core.checkpoint import load_checkpoint, make_header
 from deepimaging.core.device import DeviceLike, autocast, seed_everything
-from deepimaging.core.distributed import (DistContext, barrier, broadcast_flag, init_distributed, rank_seed, shutdown,
+from deepimaging.core.distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_flag,
+                                          group_initialized, init_distributed, rank_seed, shutdown,
                                           unwrap_model, wrap_model)
 from deepimaging.core.errors import CheckpointError, InputError
 from deepimaging.core.progress import CancelToken, Cancelled, ProgressCallback, sub_progress
@@ -90,15 +90,6 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Element-wise sum over ranks of a small float64 vector (core only offers scalar means)."""
-    if not ctx.distributed:
-        return values
-    t = values.to(ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.cpu()
-
-
 def validate(model: torch.nn.Module, patches: Sequence[Tuple[np.ndarray, np.ndarray]], loss_fn: DiceCELoss,
              num_classes: int, device: torch.device, batch_size: int, ctx: DistContext,
              amp: bool = True) -> Tuple[float, np.ndarray]:
@@ -123,7 +114,7 @@ def validate(model: torch.nn.Module, patches: Sequence[Tuple[np.ndarray, np.ndar
                 sums[3 + 3 * k] += float((p & ~t).sum())
                 sums[4 + 3 * k] += float((~p & t).sum())
     net.train()
-    sums = _all_reduce_sum(sums, ctx)
+    sums = all_reduce_sum(sums, ctx)
     tp, fp, fn = (sums[2 + i::3].numpy() for i in range(3))
     denominator = 2 * tp + fp + fn
     dice = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)
@@ -186,7 +177,7 @@ def train_rog(data: Any, out_dir: PathLike, epochs: int = 1000, *, plan: Any = N
     settings = TrainSettings(epochs, steps_per_epoch, batch_size, lr, weight_decay, patience, moving_average,
                              val_fraction, val_patches_per_case, foreground_probability, seed, num_workers, amp)
     started = time.perf_counter()
-    owns_group = not (dist.is_available() and dist.is_initialized())
+    owns_group = not group_initialized()
     ctx = init_distributed(device)
     try:
         progress = progress if ctx.is_main else None
@@ -296,8 +287,7 @@ def _check_ranks_agree(model: torch.nn.Module, ctx: DistContext, out_dir: Path) 
     if not ctx.distributed:
         return digest
     barrier(ctx)
-    digests: List[Optional[str]] = [None] * ctx.world_size
-    dist.all_gather_object(digests, digest)
+    digests = all_gather_objects(digest, ctx)
     if ctx.is_main:
         (out_dir / "ddp_ranks.json").write_text(json.dumps({"world_size": ctx.world_size, "sha256": digests},
                                                            indent=2), encoding="utf-8")
