@@ -62,15 +62,15 @@ def build_network(arch: str, n_optodes: int, n_wavelengths: int,
 
 def predict(model: nn.Module, signals: Tensor, images: Tensor, device: torch.device,
             batch_size: int = 64) -> Tensor:
-    """Normalised network outputs (N, 3, H, W) on the CPU, in eval mode, batched."""
+    """Normalised network outputs (N, 3, H, W) on the CPU, in eval mode, batched, in float32
+    (as :mod:`deepimaging.nirst.recon` predicts; only training steps use mixed precision)."""
     model.eval()
     outputs = []
     with torch.no_grad():
         for start in range(0, len(signals), batch_size):
             s = signals[start:start + batch_size].to(device, non_blocking=True)
             m = images[start:start + batch_size].to(device, non_blocking=True)
-            with autocast(device):
-                outputs.append(model(s, m).float().cpu())
+            outputs.append(model(s, m).float().cpu())
     return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
