@@ -50,7 +50,8 @@ def run_ours(image, phi0, iterations, device):
 def run_skimage(image, phi0, iterations):
     from skimage.segmentation import chan_vese
 
-    # Same float32 arrays as ours: scikit-image then computes in float32 too.
+    # The very array ours gets: float32 stays float32 in scikit-image, integer images
+    # (int16, as CT/MRI come) are computed in float64 there.
     return chan_vese(image, mu=0.25, dt=0.5, tol=0.0, max_num_iter=iterations, init_level_set=phi0)
 
 
@@ -77,15 +78,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", default="256x256,512x512,128x128x128")
+    parser.add_argument("--dtypes", default="float32,int16",
+                        help="input array types given to every contender (int16: the image x 1000, as CT/MRI come)")
     args = parser.parse_args()
     from deepimaging.core.metrics import dice
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
           f"device {args.device}, {args.iterations} iterations, best of {args.repeats}")
-    print(f"{'size':>13} {'ours s':>8} {'skimage s':>10} {'sitk s':>8} {'skimage/ours':>13} {'sitk/ours':>10} {'Dice(ours,sk)':>14}")
-    for spec in args.sizes.split(","):
+    print(f"{'size':>13} {'input':>8} {'ours s':>8} {'skimage s':>10} {'sitk s':>8} {'skimage/ours':>13} "
+          f"{'sitk/ours':>10} {'Dice(ours,sk)':>14}")
+    for spec, dtype in [(s, d) for s in args.sizes.split(",") for d in args.dtypes.split(",")]:
         shape = tuple(int(s) for s in spec.split("x"))
         image, phi0 = case(shape)
+        if dtype == "int16":
+            image = np.round(image * 1000).astype(np.int16)
         run_ours(image, phi0, 5, args.device)  # warm-up (allocator, CUDA context)
         t_ours, m_ours = best_of(lambda: run_ours(image, phi0, args.iterations, args.device), args.repeats)
         try:
@@ -99,7 +105,7 @@ def main() -> None:
             agreement = f"{dice(m_ours, m_sk):14.4f}"
         else:
             sk_cols, ratio_sk, agreement = f"{'(2D only)':>10}", f"{'-':>13}", f"{'-':>14}"
-        print(f"{spec:>13} {t_ours:8.3f} {sk_cols} {t_sitk:8.3f} {ratio_sk} {t_sitk / t_ours:9.1f}x {agreement}")
+        print(f"{spec:>13} {dtype:>8} {t_ours:8.3f} {sk_cols} {t_sitk:8.3f} {ratio_sk} {t_sitk / t_ours:9.1f}x {agreement}")
 
 
 if __name__ == "__main__":
