@@ -17,6 +17,7 @@ from slicer.parameterNodeWrapper import (
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 import LevelSetRefineLib
+from DeepImagingCommonLib.segmentbinding import SegmentSelectorBinding
 
 
 #
@@ -93,7 +94,7 @@ class LevelSetRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._cancelToken = None  # set while a refinement runs; the Apply button is then Cancel
-        self._syncingSegmentSelector = False  # stops selector <-> parameter node echo
+        self._segmentBinding = None  # keeps the segment selector and the parameter node in sync
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -112,6 +113,7 @@ class LevelSetRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         # The parameter node wrapper has no connector for the segment selector: sync it here.
+        self._segmentBinding = SegmentSelectorBinding(self.ui.segmentSelector)
         self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentSelectionChanged)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentSelectionChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -173,43 +175,13 @@ class LevelSetRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def onSegmentSelectionChanged(self, *args) -> None:
-        if not self._parameterNode or self._syncingSegmentSelector:
-            return
-        segmentationNode = self.ui.segmentSelector.currentNode()
-        segmentId = self.ui.segmentSelector.currentSegmentID() or ""
-        self._syncingSegmentSelector = True
-        try:
-            if self._parameterNode.segmentationNode != segmentationNode:
-                self._parameterNode.segmentationNode = segmentationNode
-            if self._parameterNode.segmentId != segmentId:
-                self._parameterNode.segmentId = segmentId
-        finally:
-            self._syncingSegmentSelector = False
-        self._checkCanApply()
-
-    def _updateSegmentSelector(self) -> None:
-        """Show the parameter node's segment in the selector without echoing back."""
-        self._syncingSegmentSelector = True
-        wasBlocked = self.ui.segmentSelector.blockSignals(True)
-        try:
-            if self.ui.segmentSelector.currentNode() != self._parameterNode.segmentationNode:
-                self.ui.segmentSelector.setCurrentNode(self._parameterNode.segmentationNode)
-            wantedId = self._parameterNode.segmentId
-            if wantedId and self.ui.segmentSelector.currentSegmentID() != wantedId:
-                self.ui.segmentSelector.setCurrentSegmentID(wantedId)
-            # A segment missing from the (new) segmentation: take what the selector shows.
-            shownId = self.ui.segmentSelector.currentSegmentID() or ""
-            if self._parameterNode.segmentId != shownId:
-                self._parameterNode.segmentId = shownId
-        finally:
-            self.ui.segmentSelector.blockSignals(wasBlocked)
-            self._syncingSegmentSelector = False
+        if self._segmentBinding.guiToNode(self._parameterNode):
+            self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         if self._cancelToken is not None:
             return  # while running the button is Cancel and stays enabled
-        if self._parameterNode and not self._syncingSegmentSelector:
-            self._updateSegmentSelector()
+        self._segmentBinding.nodeToGui(self._parameterNode)
         missing = self._missingInputs()
         if missing:
             self.ui.applyButton.toolTip = _("Select {missing}").format(missing=missing)

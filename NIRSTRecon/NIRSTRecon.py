@@ -21,6 +21,7 @@ from slicer.parameterNodeWrapper import (
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 import NIRSTReconLib
+from DeepImagingCommonLib.segmentbinding import SegmentSelectorBinding
 from NIRSTReconLib import optionalPath, trainingProgress
 
 
@@ -105,7 +106,7 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._syncingSegmentSelector = False  # stops selector <-> parameter node echo
+        self._segmentBinding = None  # keeps the segment selector and the parameter node in sync
         self._shownVolume = None  # the MRI whose slice range the slice spin box shows
         self._trainingProcess = None  # a DeepImagingCommonLib.process.BackgroundProcess while training
         self._trainingTimer = None
@@ -127,6 +128,7 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         # The parameter node wrapper has no connector for the segment selector: sync it here.
+        self._segmentBinding = SegmentSelectorBinding(self.ui.segmentSelector)
         self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentSelectionChanged)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentSelectionChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -192,36 +194,8 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def onSegmentSelectionChanged(self, *args) -> None:
-        if not self._parameterNode or self._syncingSegmentSelector:
-            return
-        segmentationNode = self.ui.segmentSelector.currentNode()
-        segmentId = self.ui.segmentSelector.currentSegmentID() or ""
-        self._syncingSegmentSelector = True
-        try:
-            if self._parameterNode.segmentationNode != segmentationNode:
-                self._parameterNode.segmentationNode = segmentationNode
-            if self._parameterNode.segmentId != segmentId:
-                self._parameterNode.segmentId = segmentId
-        finally:
-            self._syncingSegmentSelector = False
-        self._checkCanApply()
-
-    def _updateSegmentSelector(self) -> None:
-        """Show the parameter node's segment in the selector without echoing back."""
-        self._syncingSegmentSelector = True
-        wasBlocked = self.ui.segmentSelector.blockSignals(True)
-        try:
-            if self.ui.segmentSelector.currentNode() != self._parameterNode.segmentationNode:
-                self.ui.segmentSelector.setCurrentNode(self._parameterNode.segmentationNode)
-            wantedId = self._parameterNode.segmentId
-            if wantedId and self.ui.segmentSelector.currentSegmentID() != wantedId:
-                self.ui.segmentSelector.setCurrentSegmentID(wantedId)
-            shownId = self.ui.segmentSelector.currentSegmentID() or ""
-            if self._parameterNode.segmentId != shownId:
-                self._parameterNode.segmentId = shownId
-        finally:
-            self.ui.segmentSelector.blockSignals(wasBlocked)
-            self._syncingSegmentSelector = False
+        if self._segmentBinding.guiToNode(self._parameterNode):
+            self._checkCanApply()
 
     def _updateSliceControls(self) -> None:
         """Slice spin box: the MRI's slice range, the middle slice when a new MRI is chosen."""
@@ -240,8 +214,7 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode:
             self.ui.applyButton.enabled = False
             return
-        if not self._syncingSegmentSelector:
-            self._updateSegmentSelector()
+        self._segmentBinding.nodeToGui(self._parameterNode)
         self._updateSliceControls()
         parameters = self._parameterNode
         missing = ([_("a measurement file")] if optionalPath(parameters.measurementFile) is None else []) + \
