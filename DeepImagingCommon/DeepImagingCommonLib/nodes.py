@@ -50,6 +50,24 @@ def volumeNodeFromImage(image, name, nodeClassName="vtkMRMLScalarVolumeNode"):
         np.ascontiguousarray(array), image.ijk_to_ras(), uniqueNodeName(name), nodeClassName)
 
 
+def placeLikeInput(outputNode, inputNode):
+    """Give a new result node the input's parent transform and subject-hierarchy parent (its study).
+
+    Voxel geometry is read from the input's own IJK-to-RAS matrix, so a result on the same
+    grid must also sit under the same transform to overlay the input where it is displayed.
+    """
+    if outputNode is None or inputNode is None:
+        return
+    outputNode.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
+    shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
+    if shNode is None:
+        return
+    inputItem = shNode.GetItemByDataNode(inputNode)
+    outputItem = shNode.GetItemByDataNode(outputNode)
+    if inputItem and outputItem:
+        shNode.SetItemParent(outputItem, shNode.GetItemParent(inputItem))
+
+
 def uniqueNodeName(name):
     """``name`` if no node in the scene has it, else ``name_1``, ``name_2``, ..."""
     return slicer.mrmlScene.GenerateUniqueName(name)

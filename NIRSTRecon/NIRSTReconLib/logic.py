@@ -190,7 +190,7 @@ class NIRSTReconLogic:
         contrast = None
         if inclusionMask is not None:
             contrast = float(hbt_contrast(np.asarray(maps["HbT"].array)[0], inclusionMask))
-        volumes = self._addMapVolumes(maps, "")
+        volumes = self._addMapVolumes(maps, "", mriVolumeNode)
         self.lastResult = ReconstructionResult(volumes, index, contrast)
         logging.info(f"NIRST reconstruction of slice {index} of '{mriVolumeNode.GetName()}' with "
                      f"{reconstructor.path} took {time.time() - startTime:.2f} s"
@@ -236,13 +236,15 @@ class NIRSTReconLogic:
             raise InputError(f"segment '{name}' does not cover any pixel of {where}: draw the inclusion on "
                              "that slice first")
 
-    def _addMapVolumes(self, maps, prefix):
-        """New volume nodes ``prefix + name`` (unique) with colour maps; all or none are added."""
+    def _addMapVolumes(self, maps, prefix, inputNode=None):
+        """New volume nodes ``prefix + name`` (unique) with colour maps, placed like ``inputNode``
+        (same parent transform and study); all or none are added."""
         volumes = {}
         try:
             for key, name, colorNodeId in OUTPUT_MAPS:
                 image = maps[key].with_array(np.asarray(maps[key].array, dtype=np.float32))
                 volumes[key] = nodes.volumeNodeFromImage(image, prefix + name)
+                nodes.placeLikeInput(volumes[key], inputNode)
                 self.setMapDisplay(volumes[key], colorNodeId)
         except Exception:
             for volumeNode in volumes.values():

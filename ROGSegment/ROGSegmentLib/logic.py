@@ -134,17 +134,6 @@ def modelDescription(path):
         return f"Not usable: {error}"
 
 
-def placeBesideVolume(node, volumeNode):
-    """Put ``node`` under the volume's parent (its study) in the subject hierarchy."""
-    shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
-    if shNode is None:
-        return
-    volumeItem = shNode.GetItemByDataNode(volumeNode)
-    nodeItem = shNode.GetItemByDataNode(node)
-    if volumeItem and nodeItem:
-        shNode.SetItemParent(nodeItem, shNode.GetItemParent(volumeItem))
-
-
 class ROGSegmentLogic:
     """Segments volumes with ROG checkpoints and starts training jobs; usable without the GUI.
 
@@ -217,7 +206,7 @@ class ROGSegmentLogic:
             for index, (value, segmentName) in enumerate(labels):
                 nodes.writeMaskToSegment(labelArray == value, segmentationNode, volumeNode, name=segmentName,
                                          color=segmentColor(index))
-            placeBesideVolume(segmentationNode, volumeNode)
+            nodes.placeLikeInput(segmentationNode, volumeNode)
         except Exception:
             slicer.mrmlScene.RemoveNode(segmentationNode)
             raise

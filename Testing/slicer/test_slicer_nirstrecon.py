@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import slicer
+import vtk
 from DeepImagingCommonLib import nodes
 from deepimaging.core.errors import CheckpointError, InputError
 from deepimaging.core.image import Image
@@ -355,3 +356,15 @@ def test_module_lib_imports_without_torch(run_without_torch):
             "assert 'torch' not in sys.modules and 'deepimaging.nirst' not in sys.modules\n")
     result = run_without_torch("NIRSTRecon", code)
     assert result.returncode == 0, result.stderr
+
+
+def test_maps_follow_the_mri_parent_transform(phantom, tiny_checkpoint):
+    """A transformed MRI: the maps share its transform, so they overlay it where it is shown."""
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 12.5)
+    transform.SetMatrixTransformToParent(matrix)
+    phantom.mriVolume.SetAndObserveTransformNodeID(transform.GetID())
+    result = NIRSTReconLogic().reconstruct(phantom.measurementFile, phantom.mriVolume, checkpoint=tiny_checkpoint,
+                                           device="cpu")
+    assert {v.GetTransformNodeID() for v in result.volumes.values()} == {transform.GetID()}

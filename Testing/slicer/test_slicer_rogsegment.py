@@ -421,3 +421,10 @@ def test_module_lib_imports_without_torch(run_without_torch):
             "assert 'torch' not in sys.modules\n")
     result = run_without_torch("ROGSegment", code)
     assert result.returncode == 0, result.stderr
+
+
+def test_segmentation_follows_the_volume_parent_transform(case_nodes, checkpoint):
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    case_nodes.volume.SetAndObserveTransformNodeID(transform.GetID())
+    node = ROGSegmentLogic().segment(case_nodes.volume, checkpoint, device="cpu")
+    assert node.GetTransformNodeID() == transform.GetID()
