@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/deepimaging demo --out demo-output
 
-# Two xdist workers with one torch thread each (Testing/conftest.py) fit CI's 2 cores best.
-PYTEST_ARGS ?= -n 2
+# Two xdist workers with one torch thread each (Testing/conftest.py) fit CI's 2 cores best;
+# --dist loadfile keeps each file on one worker, so module-scoped fixtures are built once.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

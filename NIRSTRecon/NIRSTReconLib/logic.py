@@ -118,20 +118,6 @@ def trainingProgress(line):
     return None
 
 
-def writeMeasurementsCsv(path, measurements, wavelengths=9, optodes=16):
-    """Write amplitudes as the CSV ``read_measurements`` reads: one row per (wavelength, source),
-    wavelength-major, with the other optodes' amplitudes (detectors ascending) as columns."""
-    values = np.asarray(measurements, dtype=np.float64).ravel()
-    columns = optodes - 1
-    if values.size != wavelengths * optodes * columns:
-        raise InputError(f"expected {wavelengths * optodes * columns} measurements, got {values.size}")
-    path = Path(path)
-    header = (f"NIRST CW amplitudes: {wavelengths} wavelengths x {optodes} sources (rows, wavelength-major) "
-              f"x {columns} detectors (columns, ascending optode index, source skipped)")
-    np.savetxt(path, values.reshape(wavelengths * optodes, columns), fmt="%.17g", delimiter=",", header=header)
-    return path
-
-
 class NIRSTReconLogic:
     """Reconstructs HbO, Hb, water, HbT and StO2 maps on an MRI's geometry; usable without the GUI.
 
@@ -276,13 +262,13 @@ class NIRSTReconLogic:
         read it like a user's file; with ``loadTruth`` the true maps are added as volumes
         "True HbO (uM)", ... too.  Returns a :class:`SimulatedPhantom`.
         """
-        from deepimaging.nirst.recon import simulate_example
+        from deepimaging.nirst.recon import simulate_example, write_measurements
 
         startTime = time.time()
         measurements, mri, truth = simulate_example(seed=int(seed))
         folder = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="NIRSTRecon-"))
         folder.mkdir(parents=True, exist_ok=True)
-        measurementFile = writeMeasurementsCsv(folder / f"nirst_phantom_seed{int(seed)}.csv", measurements)
+        measurementFile = write_measurements(folder / f"nirst_phantom_seed{int(seed)}.csv", measurements)
         mriVolume = nodes.volumeNodeFromImage(mri.with_array(np.asarray(mri.array, np.float32)), PHANTOM_MRI_NAME)
         inclusion = np.asarray(truth.pop("inclusion_mask"), dtype=bool)
         truthImages = {key: mri.with_array(np.asarray(value, np.float32)) for key, value in truth.items()}

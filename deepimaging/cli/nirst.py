@@ -118,11 +118,12 @@ def run_train(args: argparse.Namespace) -> int:
         net_config = json.loads(args.net_config) if args.net_config else None
     except json.JSONDecodeError as exc:
         raise InputError(f"--net-config is not valid JSON: {exc}") from None
-    summary = train_network(args.data, arch=args.arch, out_dir=args.out, epochs=args.epochs,
-                            batch_size=args.batch_size, lr=args.lr, loss=args.loss, device=args.device,
-                            resume=not args.no_resume, max_minutes=args.max_minutes, schedule=args.schedule,
-                            seed=args.seed, split_seed=args.split_seed, export=args.export, net_config=net_config,
-                            log=lambda line: print(line, flush=True))
+    with tqdm_progress(f"training {args.arch}") as progress:
+        summary = train_network(args.data, arch=args.arch, out_dir=args.out, epochs=args.epochs,
+                                batch_size=args.batch_size, lr=args.lr, loss=args.loss, device=args.device,
+                                resume=not args.no_resume, max_minutes=args.max_minutes, schedule=args.schedule,
+                                seed=args.seed, split_seed=args.split_seed, export=args.export,
+                                net_config=net_config, progress=progress, log=lambda line: print(line, flush=True))
     print(f"best checkpoint: {summary['best']}")
     return 0
 

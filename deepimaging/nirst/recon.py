@@ -72,6 +72,22 @@ def read_measurements(path: PathLike) -> np.ndarray:
     return values
 
 
+def write_measurements(path: PathLike, measurements: np.ndarray, n_wavelengths: int = len(WAVELENGTHS_NM),
+                       n_optodes: int = 16) -> Path:
+    """Write amplitudes as the CSV :func:`read_measurements` reads: one row per (wavelength,
+    source), wavelength-major, the other optodes' amplitudes (ascending index) as columns."""
+    values = np.asarray(measurements, dtype=np.float64).ravel()
+    columns = n_optodes - 1
+    if values.size != n_wavelengths * n_optodes * columns:
+        raise InputError(f"expected {n_wavelengths * n_optodes * columns} measurements "
+                         f"({n_wavelengths} wavelengths x {n_optodes} sources x {columns} detectors), got {values.size}")
+    path = Path(path)
+    header = (f"NIRST CW amplitudes: {n_wavelengths} wavelengths x {n_optodes} sources (rows, wavelength-major) "
+              f"x {columns} detectors (columns, ascending optode index, source skipped)")
+    np.savetxt(path, values.reshape(n_wavelengths * n_optodes, columns), fmt="%.17g", delimiter=",", header=header)
+    return path
+
+
 def _read_text_table(path: Path) -> np.ndarray:
     values = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):

@@ -10,6 +10,7 @@ from deepimaging.core.image import Image
 from deepimaging.nirst import recon
 from deepimaging.nirst.data import Normalisation
 from deepimaging.nirst.recon import (OUTPUT_NAMES, extract_slice, hbt_contrast, load_reconstructor, read_measurements,
+                                     write_measurements,
                                      reconstruct_image, simulate_example)
 from deepimaging.nirst.train import build_network
 from deepimaging.nirst.znet import MeasurementNormalizer
@@ -107,7 +108,11 @@ def test_read_measurements_csv_and_npz_round_trip(tmp_path, example):
     np.savetxt(tmp_path / "table.csv", measurements.reshape(144, 15), delimiter=",", header="d1,d2", comments="")
     np.savetxt(tmp_path / "row.txt", measurements[None])
     np.savez(tmp_path / "data.npz", amplitudes=measurements.reshape(9, 16, 15))
-    for name in ("column.csv", "table.csv", "row.txt", "data.npz"):
+    write_measurements(tmp_path / "written.csv", measurements)
+    assert len((tmp_path / "written.csv").read_text().splitlines()) == 1 + 144  # header + 9 x 16 rows
+    with pytest.raises(InputError, match="expected 2160"):
+        write_measurements(tmp_path / "short.csv", measurements[:100])
+    for name in ("column.csv", "table.csv", "row.txt", "data.npz", "written.csv"):
         assert np.allclose(read_measurements(tmp_path / name), measurements, rtol=1e-12), name
     np.savez(tmp_path / "other.npz", values=measurements)
     with pytest.raises(InputError, match="amplitudes"):
