@@ -177,23 +177,39 @@ class _FastClassicStep:
         self.total = self.flat_image.sum(dim=1)
         self.count = float(self.image[0].numel())
         new = lambda: torch.empty(spatial, dtype=self.image.dtype, device=self.image.device)  # noqa: E731
-        self.padded = torch.empty(tuple(s + 2 for s in spatial), dtype=self.image.dtype, device=self.image.device)
+        # Results are written straight into the interior of two edge-padded buffers (ping-pong),
+        # so the next step's neighbour views need no copy: only the one-voxel rim is refreshed.
+        self.padded = [torch.empty(tuple(s + 2 for s in spatial), dtype=self.image.dtype, device=self.image.device)
+                       for _ in range(2)]
+        self.outputs = [buffer[(slice(1, -1),) * self.ndim] for buffer in self.padded]
         self.central_sq = [new() for _ in range(self.ndim)]
-        self.others, self.c_plus, self.c_minus, self.curv, self.weight, self.fit, self.step = (new() for _ in range(7))
-        self.outputs = [new(), new()]
+        self.others, self.c_plus, self.c_minus, self.curv, self.weight, self.step = (new() for _ in range(6))
+        self.fit = new() if params.mu <= 0 else None
+        self.one = torch.ones((), dtype=self.image.dtype, device=self.image.device)
         self.inside = new()
         self.eta = torch.tensor(_ETA / max(1, self.ndim - 1), dtype=self.image.dtype, device=self.image.device)
         self.eps_sq = torch.tensor(params.eps * params.eps, dtype=self.image.dtype, device=self.image.device)
         self.turn = 0
 
-    def _pad(self, phi: torch.Tensor) -> torch.Tensor:
-        """Edge-replicate ``phi`` into the persistent padded buffer."""
-        padded, ndim = self.padded, self.ndim
-        padded[(slice(1, -1),) * ndim].copy_(phi)
-        for a in range(ndim):
+    def _fill_edges(self, interior: torch.Tensor) -> None:
+        """Edge-replicate the rim of the padded buffer whose interior is ``interior``."""
+        padded = self.padded[self.turn] if interior.data_ptr() == self.outputs[self.turn].data_ptr() else None
+        if padded is None:
+            raise RuntimeError("internal: interior does not belong to a padded buffer")
+        for a in range(self.ndim):
             padded.select(a, 0).copy_(padded.select(a, 1))
             padded.select(a, -1).copy_(padded.select(a, -2))
-        return padded
+
+    def _pad(self, phi: torch.Tensor) -> torch.Tensor:
+        """The edge-padded buffer holding ``phi`` (copied into one if it is not already there)."""
+        for turn, interior in enumerate(self.outputs):
+            if phi.data_ptr() == interior.data_ptr() and phi.stride() == interior.stride():
+                self.turn = turn
+                return self.padded[turn]
+        self.turn ^= 1
+        self.outputs[self.turn].copy_(phi)
+        self._fill_edges(self.outputs[self.turn])
+        return self.padded[self.turn]
 
     def _others(self, a: int) -> torch.Tensor:
         """Sum of the other axes' squared central differences (each already holds its share of eta).
@@ -242,21 +258,27 @@ class _FastClassicStep:
         # mean_c[-l1 (I - c1)^2 + l2 (I - c2)^2] expanded: a * mean(I^2) + sum_c b_c I_c + const
         coef = ((2.0 / self.channels) * (p.lambda1 * c1 - p.lambda2 * c2)).tolist()
         const = float(((p.lambda2 * c2 * c2 - p.lambda1 * c1 * c1).sum()) / self.channels)
-        if p.lambda2 != p.lambda1:
-            fit = torch.mul(self.image_sq_mean, p.lambda2 - p.lambda1, out=self.fit).add_(self.image[0], alpha=coef[0])
-        else:
-            fit = torch.mul(self.image[0], coef[0], out=self.fit)
-        for c in range(1, self.channels):
-            fit.add_(self.image[c], alpha=coef[c])
-        fit.add_(const)
-        # semi-implicit update; delta_eps(phi) = (eps / pi) * 1 / (eps^2 + phi^2)
+        # Semi-implicit update with delta_eps(phi) = (eps / pi) / (eps^2 + phi^2) and w = mu dt delta:
+        #   new = (phi + w (curv + fit / mu)) / (1 + w weight)   -- the fit is added into curv / mu.
         k = p.dt * p.eps / math.pi
-        inverse = torch.addcmul(self.eps_sq, phi, phi, out=self.step).reciprocal_()
-        numerator = curv.mul_(p.mu).add_(fit).mul_(inverse)
-        numerator = torch.add(phi, numerator, alpha=k, out=numerator)
-        denominator = weight.mul_(inverse).mul_(p.mu * k).add_(1.0)
+        if p.mu > 0:
+            scale, target = 1.0 / p.mu, curv
+        else:  # no length term: new = phi + dt delta fit
+            scale, target = 1.0, self.fit.zero_()
+        if p.lambda2 != p.lambda1:
+            target.add_(self.image_sq_mean, alpha=(p.lambda2 - p.lambda1) * scale)
+        for c in range(self.channels):
+            target.add_(self.image[c], alpha=coef[c] * scale)
+        target.add_(const * scale)
+        w = torch.addcmul(self.eps_sq, phi, phi, out=self.step).reciprocal_().mul_(k * (p.mu if p.mu > 0 else 1.0))
         self.turn ^= 1
-        out = torch.div(numerator, denominator, out=self.outputs[self.turn])
+        out = self.outputs[self.turn]
+        numerator = torch.addcmul(phi, w, target, out=target)
+        if p.mu > 0:
+            torch.div(numerator, torch.addcmul(self.one, w, weight, out=weight), out=out)
+        else:
+            out.copy_(numerator)
+        self._fill_edges(out)
         return out.unsqueeze(0)
 
 
