@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 from deepimaging.core.device import autocast, seed_everything, select_device  # noqa: E402
 from deepimaging.core.imageio import read_image  # noqa: E402
 from deepimaging.core.metrics import dice, hausdorff95  # noqa: E402
-from deepimaging.core.training import make_grad_scaler  # noqa: E402
+from deepimaging.core.training import backward_and_step, make_grad_scaler  # noqa: E402
 from deepimaging.rog.data import Augmentation, PatchStream, RogDataset  # noqa: E402
 from deepimaging.rog.infer import sliding_window_probabilities  # noqa: E402
 from deepimaging.rog.mni152 import build_mni152_task  # noqa: E402
@@ -116,14 +116,7 @@ def train(model: torch.nn.Module, batches: Iterator[Tuple[torch.Tensor, ...]], s
         with autocast(device):
             logits = model(x)
         loss = loss_fn(logits.float(), y[:, None])
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         _sync(device)
         times.append(time.perf_counter() - started)
         losses.append(loss.item())

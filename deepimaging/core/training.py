@@ -131,3 +131,13 @@ def make_grad_scaler(device: torch.device) -> Optional["torch.amp.GradScaler"]:
     return None
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any = None) -> None:
+    """Zero the gradients, back-propagate ``loss`` and step, through ``scaler`` when fp16 needs one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()

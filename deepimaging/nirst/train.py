@@ -35,7 +35,7 @@ from deepimaging.core.checkpoint import load_checkpoint, make_header, save_check
 from deepimaging.core.device import DeviceLike, autocast, seed_everything, select_device
 from deepimaging.core.errors import InputError
 from deepimaging.core.progress import CancelToken, ProgressCallback
-from deepimaging.core.training import TrainingRun, format_seconds, make_grad_scaler
+from deepimaging.core.training import TrainingRun, backward_and_step, format_seconds, make_grad_scaler
 
 from .data import (DEFAULT_SPLIT_SEED, MRI_NORMALISATION, SPLIT_FRACTIONS, TARGET_NORMALISATION, DatasetLike,
                    NirstDataset, Normalisation, as_dataset, dataset_summary, split_indices)
@@ -214,14 +214,7 @@ def train_network(
                 m = m.contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 value = criterion(model(s, m).float(), t)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(value).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                value.backward()
-                optimizer.step()
+            backward_and_step(value, optimizer, scaler)
             running += value.detach() * len(index)
             count += len(index)
             if progress is not None and step % 10 == 0:

@@ -40,7 +40,7 @@ from deepimaging.core.distributed import (DistContext, all_gather_objects, all_r
                                           unwrap_model, wrap_model)
 from deepimaging.core.errors import CheckpointError, InputError
 from deepimaging.core.progress import CancelToken, Cancelled, ProgressCallback, sub_progress
-from deepimaging.core.training import TrainingRun, make_grad_scaler
+from deepimaging.core.training import TrainingRun, backward_and_step, make_grad_scaler
 
 from .data import Augmentation, PatchStream, RogDataset, validation_patches
 from .plan import Plan, plan_dataset
@@ -241,14 +241,7 @@ def _train(dataset: RogDataset, plan: Plan, out_dir: Path, cfg: TrainSettings, a
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {run.epoch + 1}, step "
                                          f"{step + 1}; lower the learning rate or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            backward_and_step(loss, optimizer, scaler)
             total += loss.item()
             run.report_step((step + 1) / cfg.steps_per_epoch, f"loss {total / (step + 1):.4f}")
         val_loss, dice = validate(net, val_patches, loss_fn, len(plan.labels), device, batch, ctx, cfg.amp)
