@@ -33,6 +33,11 @@ Built on 3D Slicer's scripted-module templates and the PyTorch extension (PyTorc
 """)
 
 
+def confirmPackageInstallation(text, details):
+    """Ask once before pip installs a module's packages (DeepImagingCommonLib.dependencies)."""
+    return slicer.util.confirmOkCancelDisplay(text, windowTitle=_("SlicerDeepImaging"), detailedText=details)
+
+
 #
 # DeepImagingCommonTest
 #

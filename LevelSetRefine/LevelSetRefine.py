@@ -1,5 +1,5 @@
 import logging
-from typing import Annotated
+from typing import Annotated, Optional
 
 import numpy as np
 import vtk
@@ -162,7 +162,7 @@ class LevelSetRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if firstSegmentationNode:
                 self._parameterNode.segmentationNode = firstSegmentationNode
 
-    def setParameterNode(self, inputParameterNode: LevelSetRefineParameterNode | None) -> None:
+    def setParameterNode(self, inputParameterNode: Optional[LevelSetRefineParameterNode]) -> None:
         """Set and observe the parameter node, so the GUI follows it."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
@@ -211,9 +211,9 @@ class LevelSetRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         # No wait cursor: the progress bar shows activity and the Cancel button must stay usable.
         with slicer.util.tryWithErrorDisplay(_("Failed to refine the segment."), waitCursor=False):
-            from DeepImagingCommonLib.dependencies import ensureTorch
+            from DeepImagingCommonLib.dependencies import ensureModuleDependencies
 
-            torch = ensureTorch(askConfirmation=True)
+            torch = ensureModuleDependencies("LevelSetRefine", askConfirmation=True)
             self._runRefinement(torch)
 
     def _runRefinement(self, torch) -> None:
@@ -325,10 +325,10 @@ class LevelSetRefineTest(ScriptedLoadableModuleTest):
         return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
 
     def test_LevelSetRefineImprovesDice(self):
-        from DeepImagingCommonLib.dependencies import ensureTorch
+        from DeepImagingCommonLib.dependencies import ensureModuleDependencies
 
         self.delayDisplay("Starting the test")
-        ensureTorch(askConfirmation=False)
+        ensureModuleDependencies("LevelSetRefine", askConfirmation=False)
         volumeNode, segmentationNode, segmentId, truth, rough = self._makeCase()
 
         logic = LevelSetRefineLogic()

@@ -45,10 +45,10 @@ class SegmentEditorLevelSetRefineTest(ScriptedLoadableModuleTest):
 
     def test_LevelSetRefineEffect(self):
         """Refine a rough box inside a noisy ball in place; Dice must rise and Undo restore the box."""
-        from DeepImagingCommonLib.dependencies import ensureTorch
+        from DeepImagingCommonLib.dependencies import ensureModuleDependencies
 
         self.delayDisplay("Starting test_LevelSetRefineEffect")
-        ensureTorch(askConfirmation=False)
+        ensureModuleDependencies("LevelSetRefine", askConfirmation=False)
 
         rng = np.random.default_rng(1)
         shape = (32, 40, 40)

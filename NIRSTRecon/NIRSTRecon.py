@@ -1,7 +1,6 @@
 import logging
-import pathlib
 import tempfile
-from typing import Annotated
+from typing import Annotated, Optional
 
 import numpy as np
 import qt
@@ -21,6 +20,7 @@ from slicer.parameterNodeWrapper import (
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 import NIRSTReconLib
+from DeepImagingCommonLib.pathbinding import PathFieldBinding
 from DeepImagingCommonLib.segmentbinding import SegmentSelectorBinding
 from NIRSTReconLib import optionalPath, trainingProgress
 
@@ -73,20 +73,23 @@ class NIRSTReconParameterNode:
     phantomSeed, loadTruth - Seed of the simulated phantom; also add its true maps as volumes.
     trainingDataDirectory, trainingOutputDirectory - Simulated dataset shards; where the checkpoint goes.
     trainingArchitecture, trainingEpochs - Network to train and number of epochs.
+
+    Paths are str fields ("" = unset), synced with their path widgets by PathFieldBinding: a
+    pathlib.Path field would show an empty path as ".".
     """
 
-    measurementFile: pathlib.Path
+    measurementFile: str = ""
     inputVolume: vtkMRMLScalarVolumeNode
     sliceIndex: Annotated[int, WithinRange(0, 100000)] = 0
-    checkpointFile: pathlib.Path
+    checkpointFile: str = ""
     device: Annotated[str, Choice(list(NIRSTReconLib.DEVICES))] = "auto"
     segmentationNode: vtkMRMLSegmentationNode
     segmentId: str = ""
     hbtVolume: vtkMRMLScalarVolumeNode
     phantomSeed: Annotated[int, WithinRange(0, 1000000)] = 0
     loadTruth: bool = True
-    trainingDataDirectory: pathlib.Path
-    trainingOutputDirectory: pathlib.Path
+    trainingDataDirectory: str = ""
+    trainingOutputDirectory: str = ""
     trainingArchitecture: Annotated[str, Choice(list(NIRSTReconLib.ARCHITECTURES))] = "znet"
     trainingEpochs: Annotated[int, WithinRange(1, 10000)] = 50
 
@@ -107,8 +110,14 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._segmentBinding = None  # keeps the segment selector and the parameter node in sync
+        self._measurementBinding = None  # PathFieldBindings: the parameter node wrapper shows empty paths as "."
+        self._checkpointBinding = None
+        self._trainingDataBinding = None
+        self._trainingOutputBinding = None
+        self._pathBindings = ()
         self._shownVolume = None  # the MRI whose slice range the slice spin box shows
         self._trainingProcess = None  # a DeepImagingCommonLib.process.BackgroundProcess while training
+        self._trainingOutputFolder = None  # where that process writes (the scene may close meanwhile)
         self._trainingTimer = None
 
     def setup(self) -> None:
@@ -131,6 +140,15 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._segmentBinding = SegmentSelectorBinding(self.ui.segmentSelector)
         self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentSelectionChanged)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentSelectionChanged)
+        # Path widgets are synced by hand too: the parameter node wrapper would show empty paths as ".".
+        self._measurementBinding = PathFieldBinding(self.ui.measurementPathLineEdit, "measurementFile")
+        self._checkpointBinding = PathFieldBinding(self.ui.checkpointPathLineEdit, "checkpointFile")
+        self._trainingDataBinding = PathFieldBinding(self.ui.trainingDataPathLineEdit, "trainingDataDirectory")
+        self._trainingOutputBinding = PathFieldBinding(self.ui.trainingOutputPathLineEdit, "trainingOutputDirectory")
+        self._pathBindings = (self._measurementBinding, self._checkpointBinding, self._trainingDataBinding,
+                              self._trainingOutputBinding)
+        for binding in self._pathBindings:
+            binding.widget.connect("currentPathChanged(QString)", self.onPathChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.simulateButton.connect("clicked(bool)", self.onSimulateButton)
         self.ui.contrastButton.connect("clicked(bool)", self.onContrastButton)
@@ -180,7 +198,7 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
 
-    def setParameterNode(self, inputParameterNode: NIRSTReconParameterNode | None) -> None:
+    def setParameterNode(self, inputParameterNode: Optional[NIRSTReconParameterNode]) -> None:
         """Set and observe the parameter node, so the GUI follows it."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
@@ -195,6 +213,10 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegmentSelectionChanged(self, *args) -> None:
         if self._segmentBinding.guiToNode(self._parameterNode):
+            self._checkCanApply()
+
+    def onPathChanged(self, *args) -> None:
+        if any([binding.guiToNode(self._parameterNode) for binding in self._pathBindings]):
             self._checkCanApply()
 
     def _updateSliceControls(self) -> None:
@@ -215,6 +237,8 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.enabled = False
             return
         self._segmentBinding.nodeToGui(self._parameterNode)
+        for binding in self._pathBindings:
+            binding.nodeToGui(self._parameterNode)
         self._updateSliceControls()
         parameters = self._parameterNode
         missing = ([_("a measurement file")] if optionalPath(parameters.measurementFile) is None else []) + \
@@ -236,9 +260,9 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApplyButton(self) -> None:
         """Reconstruct the maps from the measurement file and the MRI slice."""
         with slicer.util.tryWithErrorDisplay(_("Failed to reconstruct the NIRST maps."), waitCursor=True):
-            from DeepImagingCommonLib.dependencies import ensureTorch
+            from DeepImagingCommonLib.dependencies import ensureModuleDependencies
 
-            torch = ensureTorch(askConfirmation=True)
+            torch = ensureModuleDependencies("NIRSTRecon", askConfirmation=True)
             parameters = self._parameterNode
             withSegment = bool(parameters.segmentationNode and parameters.segmentId)  # the contrast is optional
             result = self.logic.reconstruct(
@@ -246,6 +270,8 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 checkpoint=parameters.checkpointFile, device=parameters.device,
                 segmentationNode=parameters.segmentationNode if withSegment else None,
                 segmentId=parameters.segmentId if withSegment else None)
+            self._measurementBinding.remember()
+            self._checkpointBinding.remember()  # empty (the shipped Z-Net) is not remembered
             hbtNode = result.volumes["HbT"]
             parameters.hbtVolume = hbtNode
             slicer.util.setSliceViewerLayers(background=parameters.inputVolume, foreground=hbtNode,
@@ -278,12 +304,12 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSimulateButton(self) -> None:
         """Simulate a phantom: MRI volume, measurement file and inclusion segment, ready to reconstruct."""
         with slicer.util.tryWithErrorDisplay(_("Failed to simulate a phantom."), waitCursor=True):
-            from DeepImagingCommonLib.dependencies import ensureTorch
+            from DeepImagingCommonLib.dependencies import ensureModuleDependencies
 
-            ensureTorch(askConfirmation=True)
+            ensureModuleDependencies("NIRSTRecon", askConfirmation=True)
             parameters = self._parameterNode
             phantom = self.logic.simulatePhantom(seed=parameters.phantomSeed, loadTruth=parameters.loadTruth)
-            parameters.measurementFile = phantom.measurementFile
+            parameters.measurementFile = str(phantom.measurementFile)
             parameters.inputVolume = phantom.mriVolume
             parameters.segmentationNode = phantom.segmentationNode
             parameters.segmentId = phantom.segmentId
@@ -298,14 +324,17 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainButton.enabled = False
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
-            from DeepImagingCommonLib.dependencies import ensureTorch
+            from DeepImagingCommonLib.dependencies import ensureModuleDependencies
 
-            ensureTorch(askConfirmation=True)
+            ensureModuleDependencies("NIRSTRecon", askConfirmation=True)
             parameters = self._parameterNode
             self._trainingProcess = self.logic.startTraining(
                 parameters.trainingDataDirectory, parameters.trainingOutputDirectory,
                 epochs=parameters.trainingEpochs, device=parameters.device,
                 architecture=parameters.trainingArchitecture)
+            self._trainingOutputFolder = parameters.trainingOutputDirectory
+            self._trainingDataBinding.remember()
+            self._trainingOutputBinding.remember()
             self.ui.trainingLogTextEdit.clear()
             self.ui.trainingProgressBar.value = 0
             self.ui.trainingProgressBar.show()
@@ -332,9 +361,10 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._trainingProcess = None
         self.ui.trainButton.text = _("Train")
         self.ui.trainingProgressBar.hide()
-        checkpoint = self.logic.trainedCheckpoint(self._parameterNode.trainingOutputDirectory)
+        checkpoint = self.logic.trainedCheckpoint(self._trainingOutputFolder)
         if process.state.value == "succeeded" and checkpoint is not None:
-            self._parameterNode.checkpointFile = checkpoint  # reconstruct with the new network next
+            if self._parameterNode:  # None when the scene was closed during training
+                self._parameterNode.checkpointFile = str(checkpoint)  # reconstruct with the new network next
             self.ui.trainingLogTextEdit.appendPlainText(_("Training finished: {path}").format(path=str(checkpoint)))
         else:
             self.ui.trainingLogTextEdit.appendPlainText(_("Training {state} (exit code {code}).").format(
@@ -383,10 +413,10 @@ class NIRSTReconTest(ScriptedLoadableModuleTest):
 
     def test_NIRSTReconPhantom(self):
         from DeepImagingCommonLib import nodes
-        from DeepImagingCommonLib.dependencies import ensureTorch
+        from DeepImagingCommonLib.dependencies import ensureModuleDependencies
 
         self.delayDisplay("Simulating a phantom")
-        ensureTorch(askConfirmation=False)
+        ensureModuleDependencies("NIRSTRecon", askConfirmation=False)
         logic = NIRSTReconLogic()
         phantom = logic.simulatePhantom(seed=1, loadTruth=True, directory=tempfile.mkdtemp(prefix="NIRSTReconTest-"))
         self.delayDisplay("Reconstructing with the shipped Z-Net")

@@ -2,7 +2,7 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Annotated
+from typing import Annotated, Optional
 
 import qt
 import vtk
@@ -21,6 +21,7 @@ from slicer.parameterNodeWrapper import (
 from slicer import vtkMRMLScalarVolumeNode
 
 import ROGSegmentLib
+from DeepImagingCommonLib.pathbinding import PathFieldBinding
 
 TRAIN_FROM_FOLDER = "Folder on disk"
 TRAIN_FROM_SCENE = "Segmentations in this scene"
@@ -66,7 +67,7 @@ class ROGSegmentParameterNode:
     """
     The parameters needed by module.
 
-    modelPath - ROG checkpoint used by Apply.
+    modelPath - ROG checkpoint used by Apply ("" = none chosen).
     inputVolume - The volume to segment.
     device - auto, cpu or cuda for inference.
     postprocess - Apply the plan's largest-component / small-lesion rules.
@@ -77,19 +78,22 @@ class ROGSegmentParameterNode:
     stepsPerEpoch - Batches per epoch.
     trainingDevice - auto, cpu or cuda for training.
     outputFolder - Receives plan.json, best.pt, last.pt, training_log.csv.
+
+    Paths are str fields ("" = unset), synced with their path widgets by PathFieldBinding: a
+    pathlib.Path field would show an empty path as ".".
     """
 
-    modelPath: pathlib.Path
+    modelPath: str = ""
     inputVolume: vtkMRMLScalarVolumeNode
     device: Annotated[str, Choice(list(ROGSegmentLib.DEVICE_CHOICES))] = "auto"
     postprocess: bool = True
     trainingSource: Annotated[str, Choice([TRAIN_FROM_SCENE, TRAIN_FROM_FOLDER])] = TRAIN_FROM_SCENE
-    trainingFolder: pathlib.Path
+    trainingFolder: str = ""
     modality: Annotated[str, Choice(list(ROGSegmentLib.MODALITY_CHOICES))] = "CT"
     epochs: Annotated[int, WithinRange(1, 100000)] = 100
     stepsPerEpoch: Annotated[int, WithinRange(1, 100000)] = 250
     trainingDevice: Annotated[str, Choice(list(ROGSegmentLib.DEVICE_CHOICES))] = "auto"
-    outputFolder: pathlib.Path
+    outputFolder: str = ""
 
 
 #
@@ -110,6 +114,10 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cancelToken = None  # set while inference runs; Apply is then Cancel
         self._trainingJob = None  # set while training runs; Train is then Cancel
         self._shownModelPath = None
+        self._modelPathBinding = None  # PathFieldBindings: the parameter node wrapper shows empty paths as "."
+        self._trainingFolderBinding = None
+        self._outputFolderBinding = None
+        self._pathBindings = ()
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -124,6 +132,13 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        # Path widgets are synced by hand: the parameter node wrapper would show empty paths as ".".
+        self._modelPathBinding = PathFieldBinding(self.ui.modelPathLineEdit, "modelPath")
+        self._trainingFolderBinding = PathFieldBinding(self.ui.trainingFolderLineEdit, "trainingFolder")
+        self._outputFolderBinding = PathFieldBinding(self.ui.outputFolderLineEdit, "outputFolder")
+        self._pathBindings = (self._modelPathBinding, self._trainingFolderBinding, self._outputFolderBinding)
+        for binding in self._pathBindings:
+            binding.widget.connect("currentPathChanged(QString)", self.onPathChanged)
         # The checkable segmentation list has no parameter-node connector: it is read on Train.
         self.ui.trainingSegmentationsComboBox.connect("checkedNodesChanged()", self._checkCanApply)
         self.ui.progressBar.hide()
@@ -174,7 +189,7 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
 
-    def setParameterNode(self, inputParameterNode: ROGSegmentParameterNode | None) -> None:
+    def setParameterNode(self, inputParameterNode: Optional[ROGSegmentParameterNode]) -> None:
         """Set and observe the parameter node, so the GUI follows it."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
@@ -186,9 +201,15 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
 
+    def onPathChanged(self, *args) -> None:
+        if any([binding.guiToNode(self._parameterNode) for binding in self._pathBindings]):
+            self._checkCanApply()
+
     def _checkCanApply(self, caller=None, event=None) -> None:
         if not self._parameterNode:
             return
+        for binding in self._pathBindings:
+            binding.nodeToGui(self._parameterNode)
         self._updateModelInfo()
         self._updateTrainingSource()
         if self._cancelToken is None:
@@ -244,9 +265,9 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         # No wait cursor: the progress bar shows activity and the Cancel button must stay usable.
         with slicer.util.tryWithErrorDisplay(_("Failed to segment the volume."), waitCursor=False):
-            from DeepImagingCommonLib.dependencies import ensureTorch
+            from DeepImagingCommonLib.dependencies import ensureModuleDependencies
 
-            torch = ensureTorch(askConfirmation=True)
+            torch = ensureModuleDependencies("ROGSegment", askConfirmation=True)
             self._shownModelPath = None  # torch may just have been installed: describe the model now
             self._checkCanApply()
             self._runSegmentation(torch)
@@ -261,6 +282,7 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentationNode = self.logic.segment(
                 parameters.inputVolume, parameters.modelPath, device=parameters.device,
                 postprocess=parameters.postprocess, progress=self._onProgress, cancel=self._cancelToken)
+            self._modelPathBinding.remember()
             names = ", ".join(label for value, label in self.logic.lastModelInfo.foregroundLabels)
             self.ui.statusLabel.text = _("Added '{node}' ({names}) in {seconds:.1f} s (PyTorch {version}).").format(
                 node=segmentationNode.GetName(), names=names, seconds=self.logic.lastSeconds, version=torch.__version__)
@@ -302,9 +324,10 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainingStatusLabel.text = _("Cancelling...")
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
-            from DeepImagingCommonLib.dependencies import ensureTorch
+            from DeepImagingCommonLib.dependencies import ensureModuleDependencies
 
-            ensureTorch(askConfirmation=True)  # the training process uses Slicer's Python and its torch
+            # The training process uses Slicer's Python, its torch and the module's packages.
+            ensureModuleDependencies("ROGSegment", askConfirmation=True)
             parameters = self._parameterNode
             options = dict(outputFolder=parameters.outputFolder, modality=parameters.modality,
                            epochs=parameters.epochs, stepsPerEpoch=parameters.stepsPerEpoch,
@@ -315,6 +338,8 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._trainingJob = self.logic.startTraining(pairs=pairs, **options)
             else:
                 self._trainingJob = self.logic.startTraining(dataFolder=parameters.trainingFolder, **options)
+                self._trainingFolderBinding.remember()
+            self._outputFolderBinding.remember()
             self._setTraining(True)
             self._trainingTimer.start()
 
@@ -344,7 +369,7 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         if job.state == ProcessState.SUCCEEDED and job.bestCheckpoint is not None:
             if self._parameterNode:
-                self._parameterNode.modelPath = job.bestCheckpoint
+                self._parameterNode.modelPath = str(job.bestCheckpoint)
             self.ui.segmentCollapsibleButton.collapsed = False
             self.ui.trainingStatusLabel.text = _("Finished ({summary}); its best checkpoint is selected in the "
                                                  "Segment section.").format(summary=job.status.text())
@@ -402,9 +427,9 @@ class ROGSegmentTest(ScriptedLoadableModuleTest):
     def _makeCase(self):
         """A 32^3 CT-like volume with two blob organs (labels 1 liver, 2 kidney) as a volume node."""
         from DeepImagingCommonLib import nodes
-        from DeepImagingCommonLib.dependencies import ensureTorch
+        from DeepImagingCommonLib.dependencies import ensureModuleDependencies
 
-        ensureTorch(askConfirmation=False)
+        ensureModuleDependencies("ROGSegment", askConfirmation=False)
         from deepimaging.rog.synthetic import make_blob_case
 
         image, labels = make_blob_case((32, 32, 32), seed=0)

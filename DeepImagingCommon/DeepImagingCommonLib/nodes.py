@@ -135,13 +135,30 @@ def similarColor(color):
     return colorsys.hsv_to_rgb(hue, saturation * 0.85, value)
 
 
+def referenceImageGeometry(segmentationNode):
+    """The segmentation's reference-geometry conversion parameter; ``""`` when it has none.
+
+    The string encodes the grid (IJK-to-RAS matrix and extent) that the Segment Editor and
+    the representation converters use for new labelmaps of this segmentation.
+    """
+    parameterName = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    return segmentationNode.GetSegmentation().GetConversionParameter(parameterName) or ""
+
+
 def writeMaskToSegment(mask, segmentationNode, referenceVolumeNode, segmentId=None, name=None, color=None):
     """Write a bool (z, y, x) mask on the volume's grid into a segment; return its ID.
 
     With ``segmentId`` the segment is replaced; otherwise a new segment called ``name``
     (made unique) is added, and removed again if writing fails, so no half-made segment
-    is left behind.  The segmentation's reference geometry is set from the volume first,
-    because the segmentation otherwise keeps whatever grid it had.
+    is left behind.
+
+    The written labelmap takes the volume's grid (``updateSegmentBinaryLabelmapFromArray``
+    is given the volume), so :func:`segmentMask` on the same volume reads back exactly the
+    mask written, whatever the segmentation's geometry.  The segmentation's reference
+    geometry is the user's choice (an oversampled grid for smooth surfaces, or the grid of
+    the volume the segmentation was made on): it is set from the volume only when the
+    segmentation has none yet, and kept otherwise.  A labelmap on another grid than the
+    segmentation's other segments goes into a layer of its own; theirs are not resampled.
     """
     if segmentationNode is None:
         raise InputError("no segmentation to write into")
@@ -153,7 +170,8 @@ def writeMaskToSegment(mask, segmentationNode, referenceVolumeNode, segmentId=No
         mask = mask[np.newaxis]
     if mask.shape != shape:
         raise InputError(f"mask shape {mask.shape} differs from volume shape {shape} (z, y, x)")
-    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+    if not referenceImageGeometry(segmentationNode):
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
     segmentation = segmentationNode.GetSegmentation()
     created = segmentId is None
     if created:

@@ -1,4 +1,4 @@
-import logging
+import contextlib
 import os
 
 import qt
@@ -7,16 +7,27 @@ import slicer
 from slicer.i18n import tr as _
 
 from SegmentEditorEffects import *
+from LevelSetRefineLib.effect import MAX_ITERATIONS_PARAMETER, MU_PARAMETER
 from LevelSetRefineLib.logic import DEFAULT_ITERATIONS, DEFAULT_MU
 
-MU_PARAMETER = "Mu"
-MAX_ITERATIONS_PARAMETER = "MaxIterations"
+
+@contextlib.contextmanager
+def waitCursor():
+    """Show the wait cursor while the block runs; restored even when it raises."""
+    qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+    try:
+        yield
+    finally:
+        qt.QApplication.restoreOverrideCursor()
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     """Level set refine: moves the selected segment's boundary onto the image edges (Chan-Vese).
 
-    The maths is LevelSetRefineLib.refineOrientedLabelmap, shared with the LevelSetRefine module.
+    Only the GUI lives here.  What Apply does (dependency step, validation and computation,
+    then the undo state and the write, every failure reported as a message) is
+    LevelSetRefineLib.applyRefinementEffect, Qt-free and tested headless; the maths is
+    LevelSetRefineLib.refineOrientedLabelmap, shared with the LevelSetRefine module.
     """
 
     def __init__(self, scriptedEffect):
@@ -96,41 +107,22 @@ PyTorch is installed through the PyTorch extension on first use.</html>""")
         self.scriptedEffect.setParameter(MAX_ITERATIONS_PARAMETER, self.iterationsSpinBox.value)
 
     def onApply(self):
+        """Refine the selected segment in place; a failure leaves it and the undo stack unchanged.
+
+        The sequence is LevelSetRefineLib.applyRefinementEffect: torch and the module's
+        packages first (the user may be asked to install them), then validation and the
+        refinement under the wait cursor, and only then the undo state and the write.
+        """
         # Make sure the user wants to do the operation, even if the segment is not visible
         if not self.scriptedEffect.confirmCurrentSegmentVisible():
             return
 
-        # Before anything can change the segment: Undo returns to this state.
-        self.scriptedEffect.saveStateForUndo()
+        from DeepImagingCommonLib.dependencies import ensureModuleDependencies
+        from LevelSetRefineLib.effect import applyRefinementEffect
 
-        from DeepImagingCommonLib.dependencies import DependencyError, ensureTorch
-        from deepimaging.core.errors import DeepImagingError
-        from LevelSetRefineLib import refineOrientedLabelmap
-
-        try:
-            ensureTorch(askConfirmation=True)
-        except DependencyError as error:
-            slicer.util.errorDisplay(str(error))
-            return
-
-        # This can be a long operation - indicate it to the user
-        errorMessage = None
-        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
-        try:
-            refined = refineOrientedLabelmap(
-                self.scriptedEffect.sourceVolumeImageData(),
-                self.scriptedEffect.selectedSegmentLabelmap(),
-                mu=self.scriptedEffect.doubleParameter(MU_PARAMETER),
-                max_iterations=self.scriptedEffect.integerParameter(MAX_ITERATIONS_PARAMETER))
-            modifierLabelmap = self.scriptedEffect.defaultModifierLabelmap()
-            modifierLabelmap.DeepCopy(refined)
-            # Set mode through the editor, so masking (editable area, overwrite rules) applies.
-            self.scriptedEffect.modifySelectedSegmentByLabelmap(
-                modifierLabelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
-        except DeepImagingError as error:  # bad input, or a level set that vanished
-            errorMessage = str(error)
-        finally:
-            qt.QApplication.restoreOverrideCursor()
-        if errorMessage:
-            logging.warning(f"Level set refine: {errorMessage}")
-            slicer.util.errorDisplay(_("Level set refine: {reason}").format(reason=errorMessage))
+        applyRefinementEffect(
+            self.scriptedEffect,
+            ensureDependencies=lambda: ensureModuleDependencies("LevelSetRefine", askConfirmation=True),
+            reportError=slicer.util.errorDisplay,
+            modificationMode=slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet,
+            busy=waitCursor)  # not around the dependency step, which may open dialogs

@@ -20,7 +20,8 @@ import numpy as np
 
 import slicer
 from DeepImagingCommonLib import nodes
-from DeepImagingCommonLib.process import BackgroundProcess, parseProgressLine, pythonExecutable
+from DeepImagingCommonLib.process import (BackgroundProcess, deepimagingCommand, deepimagingEnvironment,
+                                          parseProgressLine)
 from deepimaging.core.errors import CheckpointError, InputError
 
 # Output maps in display order: library key, node name (units in the name), colour node ID.
@@ -299,8 +300,8 @@ class NIRSTReconLogic:
             raise InputError(f"unknown architecture '{architecture}'; choose one of {', '.join(ARCHITECTURES)}")
         if int(epochs) < 1:
             raise InputError(f"the number of epochs must be at least 1, got {epochs}")
-        command = [pythonExecutable(), "-m", "deepimaging", "nirst", "train", "--data", str(data),
-                   "--arch", architecture, "--epochs", str(int(epochs)), "--out", str(output)]
+        command = deepimagingCommand("nirst", "train", "--data", str(data), "--arch", architecture,
+                                     "--epochs", str(int(epochs)), "--out", str(output))
         chosen = deviceArgument(device)
         if chosen is not None:
             command += ["--device", chosen]
@@ -315,20 +316,14 @@ class NIRSTReconLogic:
         """
         command = self.trainingCommand(dataDirectory, outputDirectory, epochs, device, architecture, extraArguments)
         Path(command[command.index("--out") + 1]).mkdir(parents=True, exist_ok=True)
-        environment = {"PYTHONPATH": os.pathsep.join(
-            [self.libraryFolder()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-            "PYTHONUNBUFFERED": "1"}
+        # The same child environment as every deepimaging CLI child: the package on the path,
+        # unbuffered UTF-8 output and PROGRESS lines instead of tqdm bars (tqdm is not in
+        # Slicer's Python).
+        environment = deepimagingEnvironment()
         if deviceArgument(device) == "cpu":
             environment["CUDA_VISIBLE_DEVICES"] = "-1"
         logging.info("Starting NIRST training: " + " ".join(command))
         return BackgroundProcess(command, env=environment).start()
-
-    @staticmethod
-    def libraryFolder():
-        """The folder holding the ``deepimaging`` package (put on the child's PYTHONPATH)."""
-        import deepimaging
-
-        return str(Path(deepimaging.__file__).resolve().parent.parent)
 
     @staticmethod
     def trainedCheckpoint(outputDirectory):

@@ -18,7 +18,7 @@ import numpy as np
 
 import slicer
 from DeepImagingCommonLib import nodes
-from DeepImagingCommonLib.dependencies import installedTorchVersion
+from DeepImagingCommonLib.dependencies import installedTorchVersion, requireModuleDependencies
 from deepimaging.core.errors import CheckpointError, DeepImagingError, InputError
 from deepimaging.core.progress import check_cancel, report, sub_progress
 from deepimaging.core.segfile import DEFAULT_COLORS
@@ -156,6 +156,7 @@ class ROGSegmentLogic:
         :param cancel: optional ``deepimaging.core.progress.CancelToken``, checked between patches.
         :raises InputError: no, 2-D, 4-D/vector or NaN volume; model for several input channels.
         :raises CheckpointError: missing, broken or non-ROG checkpoint.
+        :raises DependencyError: monai is not installed (the panel's Apply installs it).
             No node is added when anything fails or is cancelled.
         """
         startTime = time.time()
@@ -164,6 +165,7 @@ class ROGSegmentLogic:
         deviceName = requireDevice(device)
         path = requireModelPath(modelPath)
         report(progress, 0.02, "Loading model")
+        requireModuleDependencies("ROGSegment")  # monai: a clear message from the console, not an ImportError
         from deepimaging.rog.infer import load_rog, predict_volume
 
         rog = load_rog(path, device="cpu")
@@ -236,6 +238,7 @@ class ROGSegmentLogic:
         """
         if (dataFolder is None) == (pairs is None):
             raise InputError("train from either a data folder or volume + segmentation pairs, not both")
+        requireModuleDependencies("ROGSegment")  # the training child runs on the same Python
         if not isPathSet(outputFolder):
             raise InputError("no output folder selected for the trained model")
         deviceName = requireDevice(device)

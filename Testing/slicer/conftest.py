@@ -36,12 +36,10 @@ if SKIP_REASON:
         return _SkippedTestFile.from_parent(parent, path=module_path)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def module_folders():
-    """Top-level folders that are Slicer modules: a CMakeLists.txt and <Folder>.py."""
-    return sorted(p for p in REPO.iterdir()
-                  if p.is_dir() and (p / "CMakeLists.txt").is_file() and (p / f"{p.name}.py").is_file())
+sys.path.insert(0, str(REPO / "Testing" / "support"))
+from cmakelists import module_folders  # noqa: E402
+if not SKIP_REASON:
+    from headless import HeadlessSlicer  # noqa: E402  (shared with the Slicer-like subprocess tests)
 
 
 # Slicer puts every scripted-module folder on sys.path; do the same so `import <Name>Lib` works.
@@ -50,46 +48,6 @@ for _folder in module_folders():
         sys.path.insert(0, str(_folder))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
-
-class HeadlessSlicer:
-    """The scene and the logics a test may need (``slicer.mrmlScene`` is ``scene``)."""
-
-    def __init__(self):
-        self.scene = slicer.vtkMRMLScene()
-        self.app_logic = slicer.vtkSlicerApplicationLogic()
-        self.app_logic.SetMRMLScene(self.scene)
-        self.color_logic = self.app_logic.GetColorLogic()
-        self.color_logic.SetMRMLScene(self.scene)
-        self.color_logic.AddDefaultColorNodes()
-        self.volumes_logic = slicer.vtkSlicerVolumesLogic()
-        self.segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-        for logic in (self.volumes_logic, self.segmentations_logic):
-            logic.SetMRMLScene(self.scene)
-            logic.SetMRMLApplicationLogic(self.app_logic)
-        self.app_logic.SetModuleLogic("Colors", self.color_logic)
-        self.app_logic.SetModuleLogic("Volumes", self.volumes_logic)
-        self.app_logic.SetModuleLogic("Segmentations", self.segmentations_logic)
-
-    def install(self):
-        slicer.mrmlScene = self.scene
-        slicer.modules = types.SimpleNamespace(
-            colors=_ModuleStub(self.color_logic),
-            volumes=_ModuleStub(self.volumes_logic),
-            segmentations=_ModuleStub(self.segmentations_logic))
-
-    def close(self):
-        self.scene.Clear(1)
-
-
-class _ModuleStub:
-    """What ``slicer.modules.<name>`` offers that slicer.util uses: ``logic()``."""
-
-    def __init__(self, logic):
-        self._logic = logic
-
-    def logic(self):
-        return self._logic
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 import slicer
 import vtk
 from DeepImagingCommonLib import nodes
+from DeepImagingCommonLib.process import parseProgressLine
 from deepimaging.core.errors import CheckpointError, InputError
 from deepimaging.core.image import Image
 from NIRSTReconLib import OUTPUT_MAPS, NIRSTReconLogic, sliceImage, trainingProgress
@@ -294,7 +295,7 @@ def test_bad_input_gives_clear_errors_and_no_new_nodes(phantom, tiny_checkpoint,
 
 def test_training_command_and_progress_lines(tmp_path):
     command = NIRSTReconLogic.trainingCommand(tmp_path, tmp_path / "out", epochs=3, device="cpu", architecture="ynet")
-    assert command[1:] == ["-m", "deepimaging", "nirst", "train", "--data", str(tmp_path), "--arch", "ynet",
+    assert command[1:] == ["-m", "deepimaging", "-v", "nirst", "train", "--data", str(tmp_path), "--arch", "ynet",
                            "--epochs", "3", "--out", str(tmp_path / "out"), "--device", "cpu"]
     assert "--device" not in NIRSTReconLogic.trainingCommand(tmp_path, tmp_path / "out", device="auto")
     with pytest.raises(InputError, match="training data folder not found"):
@@ -324,7 +325,9 @@ def test_training_runs_in_a_background_process(tiny_dataset, tmp_path, headless_
     process = NIRSTReconLogic().startTraining(data, tmp_path / "out", epochs=1, device="cpu")
     lines = process.wait(timeout=300)
     assert process.state.value == "succeeded", "\n".join(lines)
-    assert any(trainingProgress(line) is not None for line in lines), "\n".join(lines)
+    # PROGRESS lines, not tqdm bars: the child runs with DEEPIMAGING_PROGRESS=lines (tqdm is
+    # not in Slicer's Python).
+    assert any(parseProgressLine(line) is not None for line in lines), "\n".join(lines)
     checkpoint = NIRSTReconLogic.trainedCheckpoint(tmp_path / "out")
     assert checkpoint == tmp_path / "out" / "best.pt"
     result = NIRSTReconLogic().reconstruct(phantom.measurements, phantom.mriVolume, checkpoint=checkpoint, device="cpu")

@@ -81,6 +81,83 @@ def test_mask_segment_round_trip_and_replace(headless_slicer, oblique):
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
 
 
+def _reference_geometry(segmentation):
+    return segmentation.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+
+
+def _reference_node(segmentation):
+    return segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
+
+
+def _oversampled(image, factor=2):
+    """The grid Slicer's "oversampling" makes: same box, ``factor`` times finer along each axis."""
+    shape = tuple(n * factor for n in image.shape)
+    corner = image.ijk_to_lps() @ np.array([(1.0 / factor - 1.0) / 2.0] * 3 + [1.0])  # first fine voxel centre
+    return Image(np.zeros(shape, np.float32), spacing=tuple(s / factor for s in image.spacing),
+                 origin=tuple(corner[:3]), direction=image.direction)
+
+
+def _box(shape):
+    mask = np.zeros(shape, bool)
+    mask[2:6, 3:7, 1:8] = True
+    mask[3, 1, 2] = True  # an odd voxel: any half-voxel shift or resampling error shows
+    return mask
+
+
+@pytest.mark.parametrize("grid", ["oversampled", "other volume"])
+def test_write_mask_keeps_the_segmentation_reference_geometry(headless_slicer, oblique, grid):
+    """The user's segmentation geometry (oversampled, or another volume's) survives writing a mask."""
+    image = _image(oblique, (8, 9, 10))
+    volume = nodes.volumeNodeFromImage(image, "Grid")
+    if grid == "oversampled":
+        geometry_volume = nodes.volumeNodeFromImage(_oversampled(image), "Fine grid")
+    else:
+        other = Image(np.zeros((6, 20, 16), np.float32), spacing=(0.5, 0.6, 3.0), origin=(0.0, -30.0, -2.0),
+                      direction=np.eye(3))
+        geometry_volume = nodes.volumeNodeFromImage(other, "Other volume")
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(geometry_volume)
+    # a segment the user drew on the segmentation's own grid
+    drawn = np.zeros(tuple(reversed(geometry_volume.GetImageData().GetDimensions())), bool)
+    drawn[1:4, 5:12, 4:10] = True
+    drawn_id = nodes.writeMaskToSegment(drawn, segmentation, geometry_volume, name="Drawn")
+    geometry = _reference_geometry(segmentation)
+    assert geometry and nodes.referenceImageGeometry(segmentation) == geometry
+
+    mask = _box(image.shape)
+    segment_id = nodes.writeMaskToSegment(mask, segmentation, volume, name="Box")
+    assert _reference_geometry(segmentation) == geometry
+    assert _reference_node(segmentation) is geometry_volume
+    np.testing.assert_array_equal(nodes.segmentMask(segmentation, segment_id, volume), mask)
+
+    smaller = np.zeros_like(mask)
+    smaller[3:5, 4:6, 2:4] = True
+    assert nodes.writeMaskToSegment(smaller, segmentation, volume, segmentId=segment_id) == segment_id
+    assert _reference_geometry(segmentation) == geometry
+    np.testing.assert_array_equal(nodes.segmentMask(segmentation, segment_id, volume), smaller)
+    # the user's segment is neither moved nor resampled by the writes on the other grid
+    np.testing.assert_array_equal(nodes.segmentMask(segmentation, drawn_id, geometry_volume), drawn)
+
+
+def test_write_mask_gives_a_new_segmentation_the_volume_geometry(headless_slicer, oblique):
+    volume = nodes.volumeNodeFromImage(_image(oblique, (8, 9, 10)), "Grid")
+    expected = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    expected.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert _reference_geometry(segmentation) == "" and nodes.referenceImageGeometry(segmentation) == ""
+    mask = _box((8, 9, 10))
+    segment_id = nodes.writeMaskToSegment(mask, segmentation, volume, name="Box")
+    assert _reference_geometry(segmentation) == _reference_geometry(expected) != ""
+    assert _reference_node(segmentation) is volume
+    np.testing.assert_array_equal(nodes.segmentMask(segmentation, segment_id, volume), mask)
+    # the first write fixed the geometry; a second volume on another grid does not change it
+    other = nodes.volumeNodeFromImage(_image(np.eye(3), (5, 6, 7)), "Other grid")
+    nodes.writeMaskToSegment(np.ones((5, 6, 7), bool), segmentation, other, name="Other")
+    assert _reference_geometry(segmentation) == _reference_geometry(expected)
+
+
 def test_segment_mask_leaves_no_temporary_nodes(headless_slicer, oblique):
     volume = nodes.volumeNodeFromImage(_image(oblique, (6, 7, 8)), "Grid")
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")

@@ -13,20 +13,16 @@ import vtk
 
 import slicer
 from DeepImagingCommonLib import nodes, process
-from deepimaging.core.checkpoint import make_header, save_checkpoint
 from deepimaging.core.errors import CheckpointError, InputError
 from deepimaging.core.imageio import read_image
 from deepimaging.core.progress import CancelToken, Cancelled
-from deepimaging.rog.plan import ChannelInfo, LabelInfo, Plan
+from deepimaging.core.checkpoint import make_header, save_checkpoint
+from rogcases import LABELS, save_rog, tiny_plan
 from ROGSegmentLib import (ROGSegmentLogic, TrainingStatus, exportTrainingData, modelDescription,
                            pairsFromSegmentations, parseTrainingLine, prepareDataFolder, readModelInfo, trainingSteps)
 from ROGSegmentLib.training import TrainingJob
 
 REPO = Path(__file__).resolve().parents[2]
-LABELS = [LabelInfo(0, "background", "background"), LabelInfo(1, "liver", "organ"),
-          LabelInfo(2, "liver tumour", "lesion")]
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """ROG's small depthwise 3-D convolutions run fastest single-threaded on a small, shared CPU."""
@@ -34,22 +30,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_plan(channels=1):
-    """A hand-made plan for the synthetic case's grid (spacing (z, y, x) 1.8, 0.9, 0.9 mm)."""
-    return Plan("Tiny", 1, [ChannelInfo("CT", "clip_zscore", 0.0, 200.0, 100.0, 50.0)] * channels, list(LABELS),
-                (1.8, 0.9, 0.9), (1.8, 0.9, 0.9), None, (20, 36, 36), (16, 32, 32), ((2, 2, 2), (2, 2, 2)), (1, 1, 1))
-
-
-def save_rog(path, plan):
-    """A randomly initialised ROG saved with the header train.py writes (method, config, plan, labels)."""
-    torch.manual_seed(0)
-    model = plan.build_model()
-    header = make_header("rog", model.config(), preprocessing=plan.to_dict(),
-                         labels={str(lb.value): lb.name for lb in plan.labels}, metrics={"dice_mean": 0.5, "epoch": 3})
-    save_checkpoint(path, model.state_dict(), header)
-    return path
 
 
 @pytest.fixture(scope="module")

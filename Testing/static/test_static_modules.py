@@ -92,6 +92,204 @@ def test_widget_uses_only_names_the_ui_defines(module_script):
                              f"@parameterNodeWrapper class (fields: {sorted(fields)})")
 
 
+# Widgets that hold a file or folder path.  Slicer's parameter-node connectors bind them only to
+# pathlib.Path fields and write str(Path("")) == "." into them when the field is empty, so the
+# modules keep paths in str fields synced by DeepImagingCommonLib.pathbinding.PathFieldBinding.
+PATH_WIDGET_CLASSES = ("ctkPathLineEdit", "ctkDirectoryButton")
+
+
+def _parameter_annotations(tree):
+    """``{field: annotation source}`` of the @parameterNodeWrapper classes."""
+    annotations = {}
+    for cls in _classes(tree):
+        if "parameterNodeWrapper" in _decorator_names(cls):
+            annotations.update({n.target.id: ast.unparse(n.annotation) for n in cls.body
+                                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)})
+    return annotations
+
+
+def _path_widgets(ui_path):
+    """``[(name, class, {property: text})]`` of the path widgets in a .ui file."""
+    widgets = []
+    for widget in ET.parse(ui_path).getroot().iter("widget"):
+        if widget.get("class") in PATH_WIDGET_CLASSES:
+            properties = {prop.get("name"): (prop.findtext("string") or "").strip()
+                          for prop in widget.findall("property")}
+            widgets.append((widget.get("name"), widget.get("class"), properties))
+    return widgets
+
+
+def _loaded_ui_paths(module_script, tree):
+    """The .ui files the classes of a module script load (those that exist)."""
+    paths = [module_script.parent / "Resources" / ui_file
+             for cls in _classes(tree) for ui_file in _loaded_ui_files(cls)]
+    return sorted({path for path in paths if path.is_file()})
+
+
+def _is_self_attribute(node):
+    return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+
+
+def _ui_widget_name(node):
+    """``name`` for a ``self.ui.<name>`` expression, else None."""
+    if isinstance(node, ast.Attribute) and _is_self_attribute(node.value) and node.value.attr == "ui":
+        return node.attr
+    return None
+
+
+def _path_bindings(tree):
+    """``{widget: binding attribute or None}`` for each ``PathFieldBinding(self.ui.<widget>, ...)``;
+    the attribute is ``X`` when the binding is assigned straight to ``self.X``."""
+    assignedTo = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            for target in node.targets:
+                if _is_self_attribute(target):
+                    assignedTo[id(node.value)] = target.attr
+    bindings = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        function = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        if function != "PathFieldBinding":
+            continue
+        widget = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "widget"), None)
+        name = _ui_widget_name(widget)
+        if name is not None:
+            bindings[name] = assignedTo.get(id(node))
+    return bindings
+
+
+def _remembered(tree):
+    """Receivers of ``.remember()`` calls: ``X`` for ``self.X.remember()``, "" for any other."""
+    return {node.func.value.attr if _is_self_attribute(node.func.value) else ""
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "remember"}
+
+
+def _path_binding_problems(module_script):
+    """Path widgets bound through SlicerParameterName (an empty pathlib.Path field shows ".")."""
+    tree = ast.parse(module_script.read_text(), str(module_script))
+    annotations, problems = _parameter_annotations(tree), []
+    for ui_path in _loaded_ui_paths(module_script, tree):
+        for name, widgetClass, properties in _path_widgets(ui_path):
+            field = properties.get("SlicerParameterName", "").split(".")[0]
+            if not field:
+                continue
+            annotation = annotations.get(field, "")
+            if "Path" in annotation:
+                problems.append(f"{ui_path.name}: {widgetClass} {name} is bound to '{field}: {annotation}', "
+                                "which shows '.' when empty; make the field 'str = \"\"' and sync it with "
+                                "PathFieldBinding instead of SlicerParameterName")
+            else:
+                problems.append(f"{ui_path.name}: {widgetClass} {name} has SlicerParameterName '{field}' "
+                                f"({annotation or 'no such field'}); Slicer connects path widgets only to "
+                                "pathlib.Path fields (shown as '.' when empty): use PathFieldBinding")
+    return problems
+
+
+def _path_history_problems(module_script):
+    """ctkPathLineEdits without a settingKey, a PathFieldBinding, or a remember() of it."""
+    tree = ast.parse(module_script.read_text(), str(module_script))
+    bindings, remembered, problems = _path_bindings(tree), _remembered(tree), []
+    for ui_path in _loaded_ui_paths(module_script, tree):
+        for name, widgetClass, properties in _path_widgets(ui_path):
+            if widgetClass != "ctkPathLineEdit":
+                continue
+            if not properties.get("settingKey"):
+                problems.append(f"{ui_path.name}: {name} has no settingKey, so its path history is not stored")
+            if name not in bindings:
+                problems.append(f"{module_script.name}: no PathFieldBinding(self.ui.{name}, ...) syncs {name}")
+            elif bindings[name] is not None and bindings[name] not in remembered:
+                problems.append(f"{module_script.name}: self.{bindings[name]}.remember() is never called, so "
+                                f"the paths used in {name} never reach its history")
+            elif bindings[name] is None and not remembered:
+                problems.append(f"{module_script.name}: no .remember() call, so the paths used in {name} never "
+                                "reach its history")
+    return problems
+
+
+def test_path_widgets_are_not_bound_to_path_fields(module_script):
+    problems = _path_binding_problems(module_script)
+    assert not problems, "; ".join(problems)
+
+
+def test_path_line_edits_store_history_through_a_binding(module_script):
+    problems = _path_history_problems(module_script)
+    assert not problems, "; ".join(problems)
+
+
+def _shared_setting_keys(folders):
+    """``{settingKey: ["file.ui:widget", ...]}`` for keys that several path widgets use."""
+    owners = {}
+    for folder in folders:
+        for ui_path in sorted(folder.rglob("*.ui")):
+            for name, _class, properties in _path_widgets(ui_path):
+                key = properties.get("settingKey")
+                if key:
+                    owners.setdefault(key, []).append(f"{ui_path.name}:{name}")
+    return {key: widgets for key, widgets in owners.items() if len(widgets) > 1}
+
+
+def test_path_setting_keys_are_unique(all_module_folders):
+    """Two path widgets with one settingKey would share (and overwrite) one history."""
+    shared = _shared_setting_keys(all_module_folders)
+    assert not shared, f"settingKey(s) used by more than one path widget: {shared}"
+
+
+OLD_STYLE_UI = """<?xml version="1.0" encoding="UTF-8"?>
+<ui version="4.0"><widget class="qMRMLWidget" name="Mod"><layout class="QVBoxLayout" name="layout">
+ <item><widget class="ctkPathLineEdit" name="modelPathLineEdit">{model}</widget></item>
+ <item><widget class="ctkDirectoryButton" name="outputDirectoryButton">{output}</widget></item>
+</layout></widget></ui>
+"""
+OLD_STYLE_SCRIPT = """
+@parameterNodeWrapper
+class ModParameterNode:
+    modelPath: {pathType}
+    outputFolder: {pathType}
+
+class ModWidget:
+    def setup(self):
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/Mod.ui"))
+        {setup}
+
+    def onApplyButton(self):
+        {apply}
+"""
+
+
+def _write_module(folder, model="", output="", pathType="pathlib.Path", setup="pass", apply="pass"):
+    (folder / "Resources" / "UI").mkdir(parents=True, exist_ok=True)
+    (folder / "Resources" / "UI" / "Mod.ui").write_text(OLD_STYLE_UI.format(model=model, output=output))
+    script = folder / "Mod.py"
+    script.write_text(OLD_STYLE_SCRIPT.format(pathType=pathType, setup=setup, apply=apply))
+    return script
+
+
+def test_path_checks_catch_what_they_are_meant_to(tmp_path):
+    """The path checks above must fail on the old module pattern and pass on the fixed one."""
+    bound = '<property name="SlicerParameterName" stdset="0"><string>{}</string></property>'
+    old = _write_module(tmp_path / "old", model=bound.format("modelPath") +
+                        '<property name="settingKey"><string>ModelPath</string></property>',
+                        output=bound.format("outputFolder"))
+    assert len(_path_binding_problems(old)) == 2  # both path widgets on pathlib.Path fields
+    history = _path_history_problems(old)
+    assert len(history) == 1 and "no PathFieldBinding" in history[0]
+    strBound = _write_module(tmp_path / "str", model=bound.format("modelPath"), pathType='str = ""')
+    assert "use PathFieldBinding" in _path_binding_problems(strBound)[0]  # no connector for str
+    setup = "self._modelBinding = PathFieldBinding(self.ui.modelPathLineEdit, 'modelPath')"
+    unremembered = _write_module(tmp_path / "unremembered", pathType='str = ""', setup=setup)
+    problems = _path_history_problems(unremembered)
+    assert len(problems) == 2 and "no settingKey" in problems[0] and "remember() is never called" in problems[1]
+    fixed = _write_module(tmp_path / "fixed", model='<property name="settingKey"><string>Mod/Model</string></property>',
+                          pathType='str = ""', setup=setup, apply="self._modelBinding.remember()")
+    assert _path_binding_problems(fixed) == [] and _path_history_problems(fixed) == []
+    copy = _write_module(tmp_path / "copy", model='<property name="settingKey"><string>Mod/Model</string></property>')
+    assert _shared_setting_keys([fixed.parent]) == {}
+    assert _shared_setting_keys([fixed.parent, copy.parent]) == {"Mod/Model": ["Mod.ui:modelPathLineEdit"] * 2}
+
+
 def test_ui_files_are_qmrmlwidgets_with_unique_names(module_dir):
     for ui_path in sorted(module_dir.glob("Resources/UI/*.ui")):
         root = ET.parse(ui_path).getroot()

@@ -19,3 +19,7 @@ class UnsupportedFormatError(InputError):
 
 class CheckpointError(DeepImagingError, ValueError):
     """A checkpoint is truncated, corrupt, of another method or otherwise incompatible."""
+
+
+class MissingDependencyError(DeepImagingError, ImportError):
+    """An optional package that this path needs is not installed (the message says which)."""

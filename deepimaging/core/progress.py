@@ -11,6 +11,8 @@ import contextlib
 import threading
 from typing import Callable, Iterator, Optional
 
+from .optional import import_optional
+
 ProgressCallback = Callable[[float, str], None]
 
 
@@ -86,7 +88,7 @@ def tqdm_progress(description: str = "", total: int = 1000) -> Iterator[Progress
 
         yield line_callback
         return
-    from tqdm import tqdm
+    tqdm = import_optional("tqdm", "tqdm", "The progress bar").tqdm
 
     with tqdm(total=total, desc=description, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}") as bar:
 

@@ -17,6 +17,7 @@ import numpy as np
 from .errors import InputError
 from .image import Image
 from .imageio import IMAGE_EXTENSIONS, PathLike, atomic_output, read_image, require_extension, write_image
+from .optional import import_optional
 
 SEGMENTATION_EXTENSIONS = (".seg.nrrd",) + IMAGE_EXTENSIONS
 
@@ -99,7 +100,7 @@ def read_segmentation(path: PathLike) -> Segmentation:
 
 
 def _read_seg_nrrd(path: Path) -> Segmentation:
-    import slicerio
+    slicerio = import_optional("slicerio", "slicerio", "Reading and writing .seg.nrrd files")
 
     try:
         data = slicerio.read_segmentation(str(path))
@@ -124,7 +125,7 @@ def write_segmentation(segmentation: Segmentation, path: PathLike) -> Path:
     ext = require_extension(path, SEGMENTATION_EXTENSIONS, "segmentation")
     if ext != ".seg.nrrd":
         return write_image(segmentation.to_labelmap(), path)
-    import slicerio
+    slicerio = import_optional("slicerio", "slicerio", "Reading and writing .seg.nrrd files")
 
     geometry = segmentation.geometry
     data = slicerio.create_segmentation(geometry.shape[::-1], geometry.ijk_to_lps())

@@ -13,6 +13,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..core.image import Image
+from ..core.optional import import_optional
 
 
 @dataclass
@@ -36,7 +37,7 @@ def zero_contours(phi: np.ndarray, geometry: Optional[Image] = None) -> List[np.
     Returns a list of (N, 3) arrays of points — LPS mm if ``geometry`` is given, else
     (i, j, k) voxel coordinates — each closed (first point == last point).
     """
-    from skimage import measure
+    measure = import_optional("skimage.measure", "scikit-image", "Contours and surfaces of the level set")
 
     phi = np.asarray(phi, dtype=np.float64)
     if phi.ndim == 3 and phi.shape[0] == 1:
@@ -55,7 +56,7 @@ def zero_contours(phi: np.ndarray, geometry: Optional[Image] = None) -> List[np.
 
 def zero_surface(phi: np.ndarray, geometry: Optional[Image] = None) -> SurfaceMesh:
     """Marching-cubes surface of phi = 0 on a 3D (z, y, x) level set."""
-    from skimage import measure
+    measure = import_optional("skimage.measure", "scikit-image", "Contours and surfaces of the level set")
 
     phi = np.asarray(phi, dtype=np.float32)
     if phi.ndim != 3:

@@ -7,20 +7,26 @@ Conventions (used by training's test metrics, ``evaluate`` and the README table)
 * PSNR and SSIM need a data range: per chromophore, ``max - min`` of the ground-truth maps inside
   the disk over the whole evaluated test set (:func:`truth_data_range`), one fixed number per
   chromophore so that PSNR is comparable between phantoms and methods;
-* PSNR = ``skimage.metrics.peak_signal_noise_ratio`` on the disk pixels; SSIM =
+* PSNR = ``10 log10(range^2 / MSE)`` on the disk pixels (what
+  ``skimage.metrics.peak_signal_noise_ratio`` computes); SSIM =
   ``skimage.metrics.structural_similarity`` (7x7 uniform window, the skimage default) on the
   whole 100 x 100 map, its SSIM image averaged over the disk pixels;
 * inclusion error: |mean of the reconstruction inside the true inclusion - true value| / true
   value, per inclusion and chromophore (the paper's "errors of recovered values").
+
+scikit-image serves only SSIM, an evaluation metric: it is imported when SSIM is computed, so
+reconstruction and training run on Slicer's Python without it (training then reports SSIM
+as NaN and says why; ``evaluate`` requires it).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+import logging
+from typing import Dict, Sequence, Union
 
 import numpy as np
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from ..core.optional import import_optional, is_available
 from .mesh import DEFAULT_DIAMETER_MM, disk_mask, pixel_centres
 from .phantoms import CHROMOPHORES
 
@@ -33,8 +39,19 @@ def truth_data_range(truth: np.ndarray, disk: np.ndarray) -> np.ndarray:
 
 
 def map_metrics(pred: np.ndarray, truth: np.ndarray, data_range: Sequence[float],
-                disk: np.ndarray) -> Dict[str, Dict[str, np.ndarray]]:
-    """Per-phantom MSE, PSNR (dB) and SSIM of each chromophore: ``{name: {"mse": (N,), ...}}``."""
+                disk: np.ndarray, ssim: Union[bool, str] = True) -> Dict[str, Dict[str, np.ndarray]]:
+    """Per-phantom MSE, PSNR (dB) and SSIM of each chromophore: ``{name: {"mse": (N,), ...}}``.
+
+    ``ssim``: True needs scikit-image; ``"auto"`` computes SSIM when scikit-image is installed
+    and reports NaN otherwise (training inside Slicer, whose Python lacks it).
+    """
+    if ssim == "auto":
+        ssim = is_available("skimage")
+        if not ssim:
+            logging.getLogger(__name__).warning("SSIM not computed: scikit-image is not installed")
+    structural_similarity = None
+    if ssim:
+        structural_similarity = import_optional("skimage.metrics", "scikit-image", "SSIM").structural_similarity
     pred = np.asarray(pred, dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
     if pred.shape != truth.shape or pred.ndim != 4:
@@ -42,15 +59,17 @@ def map_metrics(pred: np.ndarray, truth: np.ndarray, data_range: Sequence[float]
     out: Dict[str, Dict[str, np.ndarray]] = {}
     for c, name in enumerate(CHROMOPHORES[: pred.shape[1]]):
         rng = float(data_range[c])
-        mse, psnr, ssim = [], [], []
+        mse, psnr, ssims = [], [], []
         for p, t in zip(pred[:, c], truth[:, c]):
             p = np.where(disk, p, 0.0)
             mse.append(float(np.mean((p[disk] - t[disk]) ** 2)))
-            psnr.append(float(peak_signal_noise_ratio(t[disk], p[disk], data_range=rng)) if mse[-1] > 0
-                        else float("inf"))
-            _, ssim_map = structural_similarity(t, p, data_range=rng, full=True)
-            ssim.append(float(ssim_map[disk].mean()))
-        out[name] = {"mse": np.asarray(mse), "psnr": np.asarray(psnr), "ssim": np.asarray(ssim)}
+            psnr.append(float(10.0 * np.log10(rng ** 2 / mse[-1])) if mse[-1] > 0 else float("inf"))
+            if structural_similarity is None:
+                ssims.append(float("nan"))
+            else:
+                _, ssim_map = structural_similarity(t, p, data_range=rng, full=True)
+                ssims.append(float(ssim_map[disk].mean()))
+        out[name] = {"mse": np.asarray(mse), "psnr": np.asarray(psnr), "ssim": np.asarray(ssims)}
     return out
 
 

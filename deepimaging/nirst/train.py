@@ -267,7 +267,7 @@ def split_test_metrics(model: nn.Module, dataset: Dict[str, Any], rows: np.ndarr
     disk = default_disk(truth.shape[-1])
     pred = np.where(disk, np.clip(pred, 0.0, None), 0.0)
     data_range = truth_data_range(truth, disk)
-    flat = summarise(map_metrics(pred, truth, data_range, disk))
+    flat = summarise(map_metrics(pred, truth, data_range, disk, ssim="auto"))
     flat.update({f"data_range_{n}": float(r) for n, r in zip(CHROMOPHORES, data_range)})
     flat["n_test"] = int(len(rows))
     return {f"test_{k}": v for k, v in flat.items()}
