@@ -12,10 +12,14 @@ install: $(STAMP)
 
 # torch is pinned to 2.13.0 unless a torch is already installed (a CUDA build, say), so pip
 # never swaps it out; everything else comes from pyproject.toml.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# torchattacks (MIT) is the independent implementation the attack tests cross-check against;
+	# its declared dependencies would swap torch for a CUDA build and pull torchvision, neither of
+	# which it imports, so it is installed on its own.
+	$(BIN)/python -m pip install -q --no-deps "torchattacks==3.5.1"
 	touch $(STAMP)
 
 demo: $(STAMP)
