@@ -31,18 +31,25 @@ def register(methods: argparse._SubParsersAction) -> None:
     _data_args(plan)
     plan.add_argument("--memory-gb", type=float, default=2.0, help="training memory budget (default %(default)s)")
     plan.add_argument("--batch-size", type=int, default=2, help="batch size the budget is for (default %(default)s)")
-    plan.add_argument("--out", required=True, type=Path, help="plan.json to write")
+    plan.add_argument("--out", required=True,
+                      help="plan.json to write; a folder (existing, or a path ending in /) gets FOLDER/plan.json")
     plan.set_defaults(func=run_plan)
 
     train = verbs.add_parser("train", help="train ROG (also under torchrun --nproc_per_node N)")
     _data_args(train)
     train.add_argument("--plan", type=Path, help="plan.json (default: plan the data, or the resumed run's plan)")
     train.add_argument("--out", required=True, type=Path, help="output folder for best.pt, last.pt, logs")
-    train.add_argument("--epochs", type=int, default=1000, help="total epochs (default %(default)s)")
-    train.add_argument("--steps-per-epoch", type=int, default=250, help="batches per epoch (default %(default)s)")
+    train.add_argument("--epochs", type=int, default=1000,
+                       help="total epochs (default %(default)s); an epoch here is --steps-per-epoch optimizer steps, "
+                            "then validation, lr-plateau check and checkpoints")
+    train.add_argument("--steps-per-epoch", type=int, default=250,
+                       help="optimizer steps (batches; Free AT: replays) per epoch (default %(default)s). The reference "
+                            "code's epoch is one pass over the training cases, i.e. ceil(training cases / (batch size "
+                            "x GPUs)) steps: pass that number to match its epochs and --patience (training prints that number)")
     train.add_argument("--batch-size", type=int, help="patches per batch and rank (default: the plan's)")
     train.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default %(default)s)")
-    train.add_argument("--patience", type=int, default=50, help="epochs of plateau before halving the lr")
+    train.add_argument("--patience", type=int, default=50,
+                       help="epochs of plateau before halving the lr (default %(default)s)")
     train.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out (default %(default)s)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=0, help="data-loading worker processes per rank")
@@ -50,6 +57,17 @@ def register(methods: argparse._SubParsersAction) -> None:
     train.add_argument("--no-augment", action="store_true", help="train on plain patches")
     train.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
     train.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
+    train.add_argument("--free-at", action="store_true",
+                       help="Free adversarial training (Shafahi et al. 2019): each batch replayed --free-at-replays "
+                            "times with a carried-over perturbation; every replay counts as one step")
+    train.add_argument("--free-at-eps", type=float, default=8.0,
+                       help="Free AT eps in 1/255 of each channel's valid (clipped, z-scored) range "
+                            "(default %(default)s, i.e. 8/255)")
+    train.add_argument("--free-at-replays", type=int, default=5, help="Free AT replays m (default %(default)s)")
+    train.add_argument("--init-from", type=Path, metavar="CKPT",
+                       help="start from this ROG checkpoint's weights with a fresh optimizer and lr schedule "
+                            "(fine-tuning, e.g. with --free-at); its plan must have the same labels, channels and "
+                            "network")
     _run_args(train)
     train.set_defaults(func=run_train)
 
@@ -83,6 +101,9 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", type=Path, nargs="+", help="label maps, one per image, same order")
     parser.add_argument("--label-names", nargs="+", metavar="VALUE=NAME", help="e.g. 1=liver 2='liver tumour'")
     parser.add_argument("--modality", nargs="+", help="channel names, e.g. CT (selects CT normalisation) or T2 ADC")
+    parser.add_argument("--label-kinds", nargs="+", metavar="VALUE=KIND",
+                        help="organ (keep the largest component) or lesion (merge small components) per label, "
+                             "e.g. 1=organ,2=lesion (default: lesion when the name says tumour/lesion/...)")
 
 
 def _run_args(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +144,8 @@ def _dataset_source(args: argparse.Namespace):
         spec.label_names = {0: "background", **_parse_label_names(args.label_names)}
     if args.modality:
         spec.modalities = list(args.modality)
+    if args.label_kinds:
+        spec.label_kinds = _parse_label_kinds(args.label_kinds)
     return spec
 
 
@@ -136,18 +159,41 @@ def _parse_label_names(items: Sequence[str]) -> Dict[int, str]:
     return out
 
 
+def _parse_label_kinds(items: Sequence[str]) -> Dict[int, str]:
+    """``["1=organ,2=lesion"]`` (commas and/or spaces) -> ``{1: "organ", 2: "lesion"}``."""
+    out: Dict[int, str] = {}
+    for item in (part.strip() for entry in items for part in entry.split(",")):
+        if not item:
+            continue
+        value, sep, kind = item.partition("=")
+        kind = kind.strip().lower()
+        if not sep or not value.strip().isdigit() or kind not in ("organ", "lesion"):
+            raise InputError(f"--label-kinds entries look like 1=organ or 2=lesion, got {item!r}")
+        out[int(value)] = kind
+    return out
+
+
+def plan_output_path(out: str) -> Path:
+    """--out of ``rog plan``: a file, or FOLDER/plan.json for an existing folder or a path ending in /."""
+    path = Path(out)
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        return path / "plan.json"
+    return path
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from ..rog.plan import plan_dataset
 
+    out = plan_output_path(str(args.out))
     spec = _dataset_source(args)
     with _progress("planning") as progress:
         plan = plan_dataset(spec, memory_budget_bytes=int(args.memory_gb * 2 ** 30), batch_size=args.batch_size,
                             progress=progress)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(plan.to_dict(), indent=2), encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(plan.to_dict(), indent=2), encoding="utf-8")
     print(f"plan for {plan.num_cases} case(s): spacing {plan.target_spacing_zyx} mm (z, y, x), patch "
           f"{plan.patch_size}, total stride {plan.total_stride}, labels "
-          f"{[(lb.value, lb.name, lb.kind) for lb in plan.labels]}; wrote {args.out}")
+          f"{[(lb.value, lb.name, lb.kind) for lb in plan.labels]}; wrote {out}")
     return 0
 
 
@@ -161,13 +207,18 @@ def run_train(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                            val_fraction=args.val_fraction, seed=args.seed, num_workers=args.workers,
                            augmentation=None if args.no_augment else Augmentation(), cache_dir=args.cache,
-                           resume=not args.no_resume, amp=not args.no_amp, device=args.device, progress=progress)
+                           resume=not args.no_resume, amp=not args.no_amp, free_at=args.free_at,
+                           free_at_eps=args.free_at_eps / 255.0, free_at_replays=args.free_at_replays,
+                           init_from=args.init_from, device=args.device, progress=progress)
     if _is_main_rank():
         last = result.history[-1] if result.history else {}
         dice = " ".join(f"{k[5:]} {v:.3f}" for k, v in last.items() if k.startswith("dice_") and k != "dice_mean")
-        print(f"trained {result.epochs_completed} epoch(s) in {result.seconds:.1f} s"
+        print(f"trained {result.epochs_completed} epoch(s)" + (" with Free AT" if args.free_at else "")
+              + f" in {result.seconds:.1f} s"
               + (" (stopped early: lr plateau)" if result.stopped_early else "")
               + f"; last validation Dice: {dice or '-'}; best mean Dice {result.best_dice or 0:.3f}")
+        print(f"an epoch was {args.steps_per_epoch} step(s); one pass over the training cases (the reference code's "
+              f"epoch) is {result.reference_steps_per_epoch} (--steps-per-epoch to match it)")
         print(f"weights sha256 {result.weights_sha256[:16]}; wrote {result.best_path} and {result.last_path}")
     return 0
 
@@ -292,6 +343,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for name, row in summary.items():
         print(f"  {name:<20} Dice {row['dice_mean']:.4f} +- {row['dice_std']:.4f}   HD95 {row['hd95_mean_mm']:.2f} mm"
               f"   ({int(row['cases'])} case(s))")
+    per_case = [c.foreground_dice for c in cases]
+    print(f"  mean foreground Dice per case: {np.mean(per_case):.4f} +- {np.std(per_case):.4f} "
+          f"(min {np.min(per_case):.4f})")
     if args.out:
         _write_scores(args.out, cases, values, summary)
         print(f"wrote {args.out}")
@@ -310,5 +364,6 @@ def _write_scores(path: Path, cases, values: Dict[int, str], summary: Dict[str, 
     if path.suffix.lower() != ".json":
         raise InputError(f"--out must end in .json or .csv, got {path.name}")
     data = {"summary": summary,
-            "cases": {c.name: {values.get(v, str(v)): s for v, s in c.scores.items()} for c in cases}}
+            "cases": {c.name: {values.get(v, str(v)): s for v, s in c.scores.items()} for c in cases},
+            "foreground_dice": {c.name: c.foreground_dice for c in cases}}
     path.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")

@@ -70,6 +70,18 @@ class ChannelInfo:
     mean: float
     std: float
 
+    def clip_zscore(self, values: np.ndarray) -> np.ndarray:
+        """Clip to [p0.5, p99.5], then z-score, in float32: the last step of preprocessing
+        (``preprocess.normalize_channel``), kept here so the valid range uses the same arithmetic."""
+        x = np.clip(np.asarray(values, dtype=np.float32), self.percentile_00_5, self.percentile_99_5)
+        return ((x - self.mean) / self.std).astype(np.float32, copy=False)
+
+    def normalised_range(self) -> Tuple[float, float]:
+        """(low, high) every preprocessed voxel of this channel lies in: the z-scored clip limits,
+        ``((p0.5 - mean) / std, (p99.5 - mean) / std)``, bit-identical to the clipped voxels."""
+        low, high = self.clip_zscore(np.asarray([self.percentile_00_5, self.percentile_99_5], np.float32))
+        return float(low), float(high)
+
 
 @dataclass
 class LabelInfo:
@@ -138,6 +150,17 @@ class Plan:
     def build_model(self) -> ROG:
         return ROG.from_config(self.network_config())
 
+    def input_range(self) -> Tuple[List[float], List[float]]:
+        """Per-channel valid input range on the normalised scale, ``([low_c], [high_c])``.
+
+        Preprocessing clips each channel to its foreground [p0.5, p99.5] before the z-score, so
+        every network input (padding included) lies in ``[(p0.5 - mean) / std, (p99.5 - mean) / std]``
+        (MRI-like channels: the percentiles of the per-image min-max scaled values).  Attacks and
+        Free AT clamp perturbed inputs to it; see :mod:`deepimaging.rog.adversarial` for eps.
+        """
+        ranges = [c.normalised_range() for c in self.channels]
+        return [lo for lo, _ in ranges], [hi for _, hi in ranges]
+
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able dict; derived values are included for readers and ignored on load."""
         derived = {"total_stride": self.total_stride, "head_upsampling": self.head_upsampling,
@@ -168,6 +191,7 @@ class DatasetSpec:
     label_names: Dict[int, str] = field(default_factory=dict)
     modalities: List[str] = field(default_factory=list)
     name: str = "dataset"
+    label_kinds: Dict[int, str] = field(default_factory=dict)  # value -> "organ"/"lesion" overrides
 
 
 # -- reading datasets ---------------------------------------------------------------------------
@@ -367,6 +391,18 @@ def _to_spec(dataset: Union[PathLike, DatasetSpec, Sequence[Tuple[Any, Any]]],
     return spec
 
 
+def _check_label_kinds(kinds: Mapping[int, str], names: Optional[Mapping[int, str]]) -> None:
+    """Kinds are "organ"/"lesion" for foreground values ("background" only for 0), of known labels."""
+    for value, kind in kinds.items():
+        if kind not in ("background", "organ", "lesion") or (kind == "background") != (value == 0):
+            raise InputError(f"label kind {kind!r} for value {value} is not allowed: foreground labels are "
+                             "'organ' or 'lesion', value 0 is 'background'")
+    unknown = sorted(set(kinds) - set(names)) if names is not None else []
+    if unknown:
+        raise InputError(f"label kind(s) given for value(s) {unknown}, which are not labels of the dataset "
+                         f"{dict(sorted(names.items()))}")
+
+
 def plan_dataset(dataset: Union[PathLike, DatasetSpec, Sequence[Tuple[Any, Any]]], *,
                  label_names: Optional[Mapping[int, str]] = None, modalities: Optional[Sequence[str]] = None,
                  label_kinds: Optional[Mapping[int, str]] = None,
@@ -376,10 +412,13 @@ def plan_dataset(dataset: Union[PathLike, DatasetSpec, Sequence[Tuple[Any, Any]]
     """Plan ROG for a dataset: an MSD folder, a :class:`DatasetSpec` or (image, label) path pairs.
 
     ``modalities`` names the channels ("CT" selects raw-value normalisation); ``label_kinds``
-    overrides the name-based organ/lesion choice per label value.  Raises
+    (e.g. ``{1: "organ", 2: "lesion"}``, default: the spec's ``label_kinds``) overrides the
+    name-based organ/lesion choice per label value.  Raises
     :class:`~deepimaging.core.errors.InputError` (or ``GeometryMismatchError``) naming the case.
     """
     spec = _to_spec(dataset, label_names, modalities)
+    label_kinds = {int(k): str(v) for k, v in (label_kinds if label_kinds is not None else spec.label_kinds).items()}
+    _check_label_kinds(label_kinds, spec.label_names or None)  # before reading any case
     n_ch = len(spec.modalities)
     schemes = ["clip_zscore" if CT_NAME.search(m) else "minmax_clip_zscore" for m in spec.modalities]
     rng = np.random.default_rng(seed)
@@ -424,12 +463,11 @@ def plan_dataset(dataset: Union[PathLike, DatasetSpec, Sequence[Tuple[Any, Any]]
         channels.append(ChannelInfo(name, schemes[c], float(lo), float(hi), float(clipped.mean()), std))
 
     names = dict(spec.label_names) or {v: ("background" if v == 0 else f"label_{v}") for v in found | {0}}
+    _check_label_kinds(label_kinds, names)
     labels = []
     for value, name in sorted(names.items()):
         kind = "background" if value == 0 else ("lesion" if LESION_NAME.search(name) else "organ")
-        kind = dict(label_kinds or {}).get(value, kind)
-        if kind not in ("background", "organ", "lesion"):
-            raise InputError(f"label kind {kind!r} for value {value} is not 'organ', 'lesion' or 'background'")
+        kind = label_kinds.get(value, kind)
         stats = np.asarray(comps.get(value, [0.0, 0.0, 1.0])).reshape(-1, 3)  # (min, sum, count) per case
         count, smallest = int(stats[:, 2].sum()), float(stats[:, 0].min())
         labels.append(LabelInfo(value, name, kind, count if value in comps else 0, smallest,

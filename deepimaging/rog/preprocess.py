@@ -116,13 +116,13 @@ def normalize_channel(array: np.ndarray, info: ChannelInfo) -> np.ndarray:
         x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
     elif info.normalization != "clip_zscore":
         raise InputError(f"unknown normalisation {info.normalization!r} in the plan")
-    x = np.clip(x, info.percentile_00_5, info.percentile_99_5)
-    return ((x - info.mean) / info.std).astype(np.float32, copy=False)
+    return info.clip_zscore(x)
 
 
 def pad_values(plan: Plan) -> np.ndarray:
-    """Per-channel value for voxels outside an image: the normalised clip floor ("darkest")."""
-    return np.asarray([(c.percentile_00_5 - c.mean) / c.std for c in plan.channels], np.float32)
+    """Per-channel value for voxels outside an image: the normalised clip floor ("darkest"),
+    i.e. the low end of :meth:`Plan.input_range`."""
+    return np.asarray(plan.input_range()[0], np.float32)
 
 
 def class_values(plan: Plan) -> np.ndarray:

@@ -16,6 +16,28 @@ One function, :func:`train_rog`, serves the CLI, Slicer's background process and
   samples its own patches (``rank_seed``), DDP averages the gradients, validation is sharded
   and all-reduced so every rank takes the same lr decisions, and only rank 0 writes.  At the
   end the ranks compare weight checksums (``ddp_ranks.json``) - a cheap proof they agree.
+* Every optimizer step goes through :func:`train_step` (forward, float32 loss, one scaled
+  backward, step), the clean loop and Free AT alike.
+
+What an epoch is.  Here an epoch is ``steps_per_epoch`` optimizer steps (default 250) of
+``batch_size`` random patches per rank, followed by validation, the lr-plateau decision and the
+checkpoints; the reference code's epoch is one pass over the training cases (one patch per
+case, i.e. ``ceil(train cases / (batch size x GPUs))`` steps: 16 for the 32 training cases of
+the MSD spleen task at batch 2).  ``epochs`` and ``patience`` therefore count much more training
+here than there (1000 epochs x 250 steps vs 1000 x 16; a 50-epoch plateau is 12,500 steps here).
+To match the reference, pass ``steps_per_epoch=ceil(train_cases / (batch_size x ranks))`` (the
+log and the checkpoint header's ``reference_steps_per_epoch`` give the number); the defaults are
+not changed.
+
+Free adversarial training (``free_at=True``, :mod:`deepimaging.rog.adversarial`): every
+minibatch is replayed ``free_at_replays`` (m) times with a perturbation carried over between
+replays and minibatches.  ``steps_per_epoch`` counts optimizer steps, i.e. *replays*: an epoch
+costs the same forward/backward passes as a clean epoch and sees m times fewer distinct
+minibatches, which is Shafahi et al.'s "divide the number of epochs by m" rule with the epoch
+count left unchanged.  The perturbation is not stored in checkpoints: a resumed run starts it
+from zero (it adapts within a few minibatches).  The paper fine-tunes clean models with Free AT: ``init_from=best.pt``
+starts from a checkpoint's weights with a fresh optimizer and lr schedule (the plan must have the
+same labels, channels and network; a resumed run continues from its own ``last.pt`` instead).
 """
 
 from __future__ import annotations
@@ -24,16 +46,17 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from deepimaging.core.checkpoint import load_checkpoint, make_header
+from deepimaging.core.checkpoint import make_header
 from deepimaging.core.device import DeviceLike, autocast, seed_everything
 from deepimaging.core.distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, broadcast_flag,
                                           group_initialized, init_distributed, rank_seed, shutdown,
@@ -42,7 +65,9 @@ from deepimaging.core.errors import CheckpointError, InputError
 from deepimaging.core.progress import CancelToken, Cancelled, ProgressCallback, sub_progress
 from deepimaging.core.training import TrainingRun, backward_and_step, make_grad_scaler
 
+from .adversarial import FreeAdversarialTraining
 from .data import Augmentation, PatchStream, RogDataset, validation_patches
+from .infer import read_rog_checkpoint
 from .plan import Plan, plan_dataset
 
 log = logging.getLogger(__name__)
@@ -64,6 +89,7 @@ class TrainResult:
     seconds: float
     weights_sha256: str = ""
     model: Optional[torch.nn.Module] = field(default=None, repr=False)
+    reference_steps_per_epoch: int = 0  # steps of one pass over the training cases (the reference's epoch)
 
 
 def load_plan(plan: Union[Plan, PathLike, Dict[str, Any]]) -> Plan:
@@ -121,14 +147,119 @@ def validate(model: torch.nn.Module, patches: Sequence[Tuple[np.ndarray, np.ndar
     return float(sums[0] / max(float(sums[1]), 1.0)), dice[1:]
 
 
-def _resolve_plan(data: Any, plan: Any, out_dir: Path, resume: bool,
-                  progress: Optional[ProgressCallback]) -> Plan:
-    """The plan to train with: given, the dataset's, the resumed run's, or a fresh one."""
+@dataclass
+class StepResult:
+    """What :func:`train_step` returns: the loss (a float) and, if asked, an input gradient."""
+
+    loss: float
+    grad: Optional[torch.Tensor] = None  # d loss / d ``grad_wrt`` (unscaled, float32), else None
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, images: torch.Tensor,
+               labels: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+               amp: bool = True, grad_wrt: Optional[torch.Tensor] = None, where: str = "") -> StepResult:
+    """One optimizer step on a batch: ``images`` (N, C, D, H, W), ``labels`` (N, D, H, W) class indices.
+
+    Forward under autocast when ``amp`` (CUDA only), loss on float32 logits, then
+    :func:`~deepimaging.core.training.backward_and_step` (zero grads, one backward scaled by
+    ``scaler`` when fp16 needs it, step).  ``grad_wrt``, a leaf tensor that requires grad and
+    feeds ``images`` (Free AT's perturbation, or ``images`` itself), gets its gradient from the
+    same backward pass; it is returned unscaled (divided by the GradScaler's scale) and may be
+    non-finite after an fp16 overflow (the scaler then skips the optimizer step too).  A
+    non-finite loss raises ``FloatingPointError`` (``where`` says at which step).
+    """
+    with autocast(images.device, amp):
+        logits = model(images)
+    loss = loss_fn(logits.float(), labels[:, None])
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss.item()}{where}; lower the learning rate or "
+                                 "check the data")
+    scale = float(scaler.get_scale()) if scaler is not None else 1.0
+    backward_and_step(loss, optimizer, scaler)
+    grad = None
+    if grad_wrt is not None:
+        if grad_wrt.grad is None:
+            raise RuntimeError("grad_wrt received no gradient: pass a leaf tensor that requires grad and feeds images")
+        grad = grad_wrt.grad.detach().float()
+        if scale != 1.0:
+            grad = grad / scale
+    return StepResult(float(loss.item()), grad)
+
+
+class _Run(TrainingRun):
+    """A :class:`TrainingRun` whose end-of-epoch report names the epoch just finished
+    ("epoch 3/3 done: ..."); the shared one reports the next epoch there ("epoch 4/3")."""
+
+    _ending = False
+
+    def end_epoch(self, *args: Any, **kwargs: Any) -> bool:
+        self._ending = True
+        try:
+            return super().end_epoch(*args, **kwargs)
+        finally:
+            self._ending = False
+
+    def report_step(self, fraction_of_epoch: float, message: str = "") -> None:
+        if not self._ending:
+            super().report_step(fraction_of_epoch, message)
+            return
+        self.epoch -= 1  # report "all of the epoch just counted" rather than "none of the next"
+        try:
+            super().report_step(1.0, f"done: {message}")
+        finally:
+            self.epoch += 1
+
+
+@dataclass
+class InitWeights:
+    """Weights to start from (``init_from``): a checkpoint's state dict and the plan it was trained under."""
+
+    path: str
+    plan: Plan
+    state_dict: Dict[str, torch.Tensor]
+
+
+def read_init_weights(path: PathLike) -> InitWeights:
+    """Read the checkpoint to fine-tune from (weights and plan only; optimizer state is ignored)."""
+    ckpt = read_rog_checkpoint(path)
+    try:
+        plan = Plan.from_dict(ckpt.header["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the checkpoint carries no valid ROG plan ({exc})") from None
+    return InitWeights(str(path), plan, ckpt.state_dict)
+
+
+def check_init_plan(init: Plan, plan: Plan, source: str = "the initial checkpoint") -> None:
+    """Raise :class:`CheckpointError` unless weights trained under ``init`` fit a run under ``plan``:
+    same network (channels, classes, strides), label values and names, channel names and
+    normalisation kinds.  Other differences (intensity statistics, spacing, patch) are logged."""
+    problems = []
+    if init.network_config() != plan.network_config():
+        problems.append(f"network {init.network_config()} vs {plan.network_config()}")
+    labels = [[(lb.value, lb.name) for lb in p.labels] for p in (init, plan)]
+    if labels[0] != labels[1]:
+        problems.append(f"labels {labels[0]} vs {labels[1]}")
+    channels = [[(c.name, c.normalization) for c in p.channels] for p in (init, plan)]
+    if channels[0] != channels[1]:
+        problems.append(f"channels {channels[0]} vs {channels[1]}")
+    if problems:
+        raise CheckpointError(f"cannot start from {source}: it was trained under a plan with a different "
+                              + "; ".join(problems) + " (checkpoint vs this run)")
+    if init.to_dict() != plan.to_dict():
+        log.warning("%s was trained under a plan with other intensity statistics, spacing or patch size; "
+                    "its weights are used as they are", source)
+
+
+def _resolve_plan(data: Any, plan: Any, out_dir: Path, resume: bool, progress: Optional[ProgressCallback],
+                  init: Optional[InitWeights] = None) -> Plan:
+    """The plan to train with: given, the dataset's, the resumed run's, the initial checkpoint's, or a new one."""
     previous = None
     if resume and (out_dir / "last.pt").is_file():
-        header = load_checkpoint(out_dir / "last.pt", method="rog").header
+        header = read_rog_checkpoint(out_dir / "last.pt").header
         previous = Plan.from_dict(header["preprocessing"])
     chosen = load_plan(plan) if plan is not None else data.plan if isinstance(data, RogDataset) else previous
+    if chosen is None and init is not None:
+        chosen = init.plan
     if chosen is None:
         chosen = plan_dataset(data, progress=progress)
     if isinstance(data, RogDataset) and data.plan.to_dict() != chosen.to_dict():
@@ -136,6 +267,8 @@ def _resolve_plan(data: Any, plan: Any, out_dir: Path, resume: bool,
     if previous is not None and previous.to_dict() != chosen.to_dict():
         raise CheckpointError(f"{out_dir} holds a run trained with a different plan; choose another output "
                               "folder or pass resume=False to start over")
+    if init is not None:
+        check_init_plan(init.plan, chosen, init.path)
     return chosen
 
 
@@ -156,6 +289,15 @@ class TrainSettings:
     seed: int
     num_workers: int
     amp: bool
+    free_at: bool = False
+    free_at_eps: float = 8 / 255   # fraction of each channel's valid range
+    free_at_replays: int = 5
+    init_from: Optional[str] = None
+
+
+def reference_steps_per_epoch(train_cases: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps of one reference-code epoch (one patch per training case, spread over ranks)."""
+    return max(1, math.ceil(train_cases / max(1, batch_size * world_size)))
 
 
 def train_rog(data: Any, out_dir: PathLike, epochs: int = 1000, *, plan: Any = None,
@@ -164,29 +306,41 @@ def train_rog(data: Any, out_dir: PathLike, epochs: int = 1000, *, plan: Any = N
               val_fraction: float = 0.2, val_patches_per_case: int = 2, foreground_probability: float = 0.5,
               augmentation: Optional[Augmentation] = Augmentation(), seed: int = 0, num_workers: int = 0,
               cache_dir: Optional[PathLike] = None, resume: bool = True, amp: bool = True,
-              device: DeviceLike = None, progress: Optional[ProgressCallback] = None,
-              cancel: Optional[CancelToken] = None) -> TrainResult:
+              free_at: bool = False, free_at_eps: float = 8 / 255, free_at_replays: int = 5,
+              init_from: Optional[PathLike] = None, device: DeviceLike = None,
+              progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> TrainResult:
     """Train ROG on ``data`` (a :class:`RogDataset`, an MSD folder, a ``DatasetSpec`` or (image, label)
     path pairs) into ``out_dir``; ``plan`` (a Plan, dict or plan.json) defaults to planning ``data``.
 
-    ``epochs`` is the total: a resumed run continues from ``last.pt`` up to it.  ``augmentation=None``
-    trains on plain patches.  Returns a :class:`TrainResult` (the model included).
+    ``epochs`` is the total: a resumed run continues from ``last.pt`` up to it; an epoch is
+    ``steps_per_epoch`` optimizer steps (module docstring: how that differs from the reference).
+    ``augmentation=None`` trains on plain patches.  ``free_at`` trains with Free AT
+    (``free_at_eps``: fraction of each channel's valid range; ``free_at_replays``: m; every replay
+    is one of the ``steps_per_epoch`` steps).  ``init_from`` (a ROG checkpoint) starts from its
+    weights with a fresh optimizer and schedule; its plan is the default plan and must match the
+    given one.  Returns a :class:`TrainResult` (the model included).
     """
     if epochs < 1 or steps_per_epoch < 1:
         raise InputError(f"epochs and steps_per_epoch must be >= 1, got {epochs} and {steps_per_epoch}")
+    if free_at and (free_at_replays < 1 or not 0 < free_at_eps <= 1):
+        raise InputError(f"Free AT needs replays >= 1 and 0 < eps <= 1 (a fraction of the valid range, 8/255 in "
+                         f"the paper), got {free_at_replays} and {free_at_eps}")
     settings = TrainSettings(epochs, steps_per_epoch, batch_size, lr, weight_decay, patience, moving_average,
-                             val_fraction, val_patches_per_case, foreground_probability, seed, num_workers, amp)
+                             val_fraction, val_patches_per_case, foreground_probability, seed, num_workers, amp,
+                             bool(free_at), float(free_at_eps), int(free_at_replays),
+                             str(init_from) if init_from is not None else None)
     started = time.perf_counter()
     owns_group = not group_initialized()
     ctx = init_distributed(device)
     try:
         progress = progress if ctx.is_main else None
         out = Path(out_dir)
-        chosen = _resolve_plan(data, plan, out, resume, sub_progress(progress, 0.0, 0.05))
+        init = read_init_weights(init_from) if init_from is not None else None
+        chosen = _resolve_plan(data, plan, out, resume, sub_progress(progress, 0.0, 0.05), init)
         dataset = data if isinstance(data, RogDataset) else RogDataset.from_files(
             data, chosen, cache_dir, sub_progress(progress, 0.05, 0.1), cancel)
         result = _train(dataset, chosen, out, settings, augmentation, resume, ctx,
-                        sub_progress(progress, 0.1, 1.0), cancel)
+                        sub_progress(progress, 0.1, 1.0), cancel, init)
         result.seconds = time.perf_counter() - started
         return result
     finally:
@@ -196,7 +350,7 @@ def train_rog(data: Any, out_dir: PathLike, epochs: int = 1000, *, plan: Any = N
 
 def _train(dataset: RogDataset, plan: Plan, out_dir: Path, cfg: TrainSettings, augmentation: Optional[Augmentation],
            resume: bool, ctx: DistContext, progress: Optional[ProgressCallback],
-           cancel: Optional[CancelToken]) -> TrainResult:
+           cancel: Optional[CancelToken], init: Optional[InitWeights] = None) -> TrainResult:
     device = ctx.device
     train_set, val_set = dataset.split(cfg.val_fraction, cfg.seed)
     batch = int(cfg.batch_size or plan.batch_size)
@@ -206,16 +360,29 @@ def _train(dataset: RogDataset, plan: Plan, out_dir: Path, cfg: TrainSettings, a
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=cfg.patience)
     scaler = make_grad_scaler(device) if cfg.amp else None
+    free = FreeAdversarialTraining(plan, cfg.free_at_eps, cfg.free_at_replays, device) if cfg.free_at else None
+    reference_steps = reference_steps_per_epoch(len(train_set), batch, ctx.world_size)
     training = {**asdict(cfg), "batch_size": batch, "augmentation": asdict(augmentation) if augmentation else None,
                 "world_size": ctx.world_size, "train_cases": [c.name for c in train_set.cases],
-                "val_cases": [c.name for c in val_set.cases]}
+                "val_cases": [c.name for c in val_set.cases], "reference_steps_per_epoch": reference_steps}
+    if free is not None:
+        training["free_at_eps_normalised"] = [float(e) for e in free.eps_abs]
     header = make_header("rog", model.config(), preprocessing=plan.to_dict(),
                          labels={str(lb.value): lb.name for lb in plan.labels}, training=training)
-    run = TrainingRun(out_dir, header, cfg.epochs, ctx, higher_is_better=True, progress=progress, cancel=cancel)
+    run = _Run(out_dir, header, cfg.epochs, ctx, higher_is_better=True, progress=progress, cancel=cancel)
     if ctx.is_main:
         (out_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2), encoding="utf-8")
     if resume and run.resume(model, optimizer, scheduler, scaler):
         log.info("resuming from %s at epoch %d", run.last_path, run.epoch)
+    elif init is not None:
+        try:
+            model.load_state_dict(init.state_dict)
+        except RuntimeError as exc:
+            raise CheckpointError(f"the weights in {init.path} do not fit the network: {exc}") from None
+        log.info("starting from the weights of %s (fresh optimizer and lr schedule)", init.path)
+    log.info("an epoch is %d optimizer steps%s; one pass over the %d training cases (the reference's epoch) "
+             "would be %d", cfg.steps_per_epoch, f" ({cfg.free_at_replays} Free AT replays per minibatch)"
+             if free else "", len(train_set), reference_steps)
     net = wrap_model(model, ctx)
 
     stream = PatchStream(train_set, plan.patch_size, cfg.foreground_probability, augmentation,
@@ -227,22 +394,28 @@ def _train(dataset: RogDataset, plan: Plan, out_dir: Path, cfg: TrainSettings, a
     recent = [h["val_loss"] for h in run.history if "val_loss" in h][-cfg.moving_average:]
     stopped_early = False
     batches = iter(loader)
+
+    def fetch() -> Tuple[torch.Tensor, torch.Tensor]:
+        x, y = next(batches)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
     while not run.finished:
         net.train()
         total = 0.0
         for step in range(cfg.steps_per_epoch):
             if broadcast_flag(cancel is not None and cancel.cancelled, ctx):
                 raise Cancelled("cancelled by the user")
-            x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y[:, None])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at epoch {run.epoch + 1}, step "
-                                         f"{step + 1}; lower the learning rate or check the data")
-            backward_and_step(loss, optimizer, scaler)
-            total += loss.item()
+            where = f" at epoch {run.epoch + 1}, step {step + 1}"
+            if free is None:
+                x, y = fetch()
+                result = train_step(net, optimizer, scaler, x, y, loss_fn, amp=cfg.amp, where=where)
+            else:
+                x, y = free.next_minibatch(fetch)
+                x_adv, leaf = free.perturb(x)
+                result = train_step(net, optimizer, scaler, x_adv, y, loss_fn, amp=cfg.amp, grad_wrt=leaf,
+                                    where=where)
+                free.update(result.grad)
+            total += result.loss
             run.report_step((step + 1) / cfg.steps_per_epoch, f"loss {total / (step + 1):.4f}")
         val_loss, dice = validate(net, val_patches, loss_fn, len(plan.labels), device, batch, ctx, cfg.amp)
         recent = (recent + [val_loss])[-cfg.moving_average:]
@@ -251,6 +424,8 @@ def _train(dataset: RogDataset, plan: Plan, out_dir: Path, cfg: TrainSettings, a
         metrics = {"train_loss": total / cfg.steps_per_epoch, "val_loss": val_loss, "val_loss_avg": smoothed,
                    "lr": optimizer.param_groups[0]["lr"], "dice_mean": float(np.mean(dice))}
         metrics.update({f"dice_{lb.name}": float(d) for lb, d in zip(plan.labels[1:], dice)})
+        if free is not None:
+            metrics.update({"free_at_delta_ratio": free.delta_ratio(), "free_at_skipped": float(free.skipped)})
         run.end_epoch(net, metrics, metrics["dice_mean"], optimizer, scheduler, scaler)
         if ctx.is_main:
             _append_log(out_dir / "training_log.csv", run.history[-1])
@@ -261,7 +436,7 @@ def _train(dataset: RogDataset, plan: Plan, out_dir: Path, cfg: TrainSettings, a
             break
     digest = _check_ranks_agree(net, ctx, out_dir)
     return TrainResult(out_dir, run.best_path, run.last_path, plan, run.history, run.epoch, run.best_metric,
-                       stopped_early, 0.0, digest, unwrap_model(net))
+                       stopped_early, 0.0, digest, unwrap_model(net), reference_steps)
 
 
 def _append_log(path: Path, row: Dict[str, float]) -> None:

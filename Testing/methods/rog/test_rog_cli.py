@@ -68,6 +68,8 @@ def test_train_predict_evaluate_end_to_end(blob_root, blob_plan, trained, tmp_pa
                  "--model", str(trained.best_path), "--out", str(scores)]) == 0
     printed = capsys.readouterr().out
     assert "2 case(s)" in printed and "liver" in printed and "HD95" in printed
+    assert "mean foreground Dice per case" in printed
+    assert set(json.loads(scores.read_text())["foreground_dice"]) == {"case0", "case1"}
     summary = json.loads(scores.read_text())["summary"]
     assert summary["liver"]["dice_mean"] > 0.7 and summary["liver"]["cases"] == 2
     assert np.isfinite(summary["liver"]["hd95_mean_mm"])
