@@ -58,3 +58,16 @@ def test_missing_file_and_unserialisable_header(tmp_path):
     with pytest.raises(CheckpointError, match="JSON"):
         save_checkpoint(tmp_path / "x.pt", {}, {"method": "m", "bad": object()})
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_foreign_pickle_never_gets_torchs_weights_only_advice(tmp_path):
+    """torch's message suggests weights_only=False (it would run arbitrary code): users never see it."""
+    import pickle
+
+    path = tmp_path / "object.pt"
+    path.write_bytes(pickle.dumps({"model": CheckpointError("x")}))
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    text = str(caught.value)
+    assert "weights_only" not in text and "not a file of tensors and plain data" in text
+    assert caught.value.__cause__ is None and caught.value.__context__ is None

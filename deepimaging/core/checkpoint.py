@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -76,17 +77,36 @@ def save_checkpoint(path: PathLike, state_dict: Mapping[str, torch.Tensor], head
     return path
 
 
+def unreadable_reason(path: Path, exc: BaseException) -> str:
+    """Why torch could not read ``path``, in our words (never torch's "weights_only=False" advice)."""
+    text = str(exc)
+    if "weights only" in text.lower() or "weights_only" in text:
+        return ("not a file of tensors and plain data: another program's file, or not a PyTorch file at all; "
+                "pickled Python objects are never loaded")
+    if isinstance(exc, EOFError) or path.stat().st_size == 0:
+        return "it is empty or ends too early"
+    with path.open("rb") as handle:
+        zipped = handle.read(4) == b"PK\x03\x04"
+    return "it is a zip archive but not a complete PyTorch file" if zipped else "it is not a PyTorch file"
+
+
 def load_checkpoint(path: PathLike, method: Optional[str] = None, map_location: Union[str, torch.device] = "cpu") -> Checkpoint:
     """Load and validate a checkpoint; ``method`` (if given) must match the header's method."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    failure = None
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's "Detected pickle protocol 4" on foreign pickles
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, garbage bytes, pickled objects refused by weights_only
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated, corrupt or not a deepimaging checkpoint "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        failure = unreadable_reason(path, exc)
+    if failure is not None:
+        # Raised outside the except block and without torch's text: torch's message advises
+        # "weights_only=False", which would unpickle arbitrary code; no user should be told that.
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a deepimaging "
+                              f"checkpoint ({failure})")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a deepimaging checkpoint (format tag missing)")
     try:

@@ -87,12 +87,16 @@ class TrainingRun:
 
     def report_step(self, fraction_of_epoch: float, message: str = "") -> None:
         """Progress within the current epoch (0-1), with an ETA over the whole run."""
-        done = self.epoch + min(1.0, max(0.0, fraction_of_epoch))
+        self._report(self.epoch, fraction_of_epoch, message)
+
+    def _report(self, completed: int, fraction_of_epoch: float, message: str) -> None:
+        """``epoch completed+1/epochs``: ``fraction_of_epoch`` of that epoch is done."""
+        done = completed + min(1.0, max(0.0, fraction_of_epoch))
         elapsed = time.perf_counter() - self._start
         rate = (done - self._start_epoch) / elapsed if elapsed > 0 else 0.0
         eta = (self.epochs - done) / rate if rate > 0 else float("inf")
         report(self.progress, done / max(1, self.epochs),
-               f"epoch {self.epoch + 1}/{self.epochs} {message} ETA {format_seconds(eta)}".strip())
+               f"epoch {completed + 1}/{self.epochs} {message} ETA {format_seconds(eta)}".strip())
 
     def end_epoch(self, model: torch.nn.Module, metrics: Mapping[str, float], metric: float,
                   optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None, scaler: Any = None,
@@ -116,7 +120,8 @@ class TrainingRun:
             save_checkpoint(self.last_path, weights, header, extra_tensors, training_state=state)
             if improved:
                 save_checkpoint(self.best_path, weights, header, extra_tensors)
-        self.report_step(0.0, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        # "epoch N/N done", not "epoch N+1/N": all of the epoch just counted is done.
+        self._report(self.epoch - 1, 1.0, "done: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return improved
 
     @property

@@ -62,36 +62,17 @@ class RogModel:
         return {lb.value: lb.name for lb in self.plan.labels}
 
 
-def _unreadable_reason(path: Path, exc: BaseException) -> str:
-    """Why torch could not read ``path``, in our words (never torch's "weights_only=False" advice)."""
-    text = str(exc)
-    if "weights only" in text.lower() or "weights_only" in text:
-        return ("not a file of tensors and plain data: another program's file, or not a PyTorch file at all; "
-                "pickled Python objects are never loaded")
-    if isinstance(exc, EOFError) or path.stat().st_size == 0:
-        return "it is empty or ends too early"
-    with path.open("rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    if zipped:
-        return "it is a zip archive but not a complete PyTorch file"
-    return "it is not a PyTorch file"
-
-
 def read_rog_checkpoint(path: Union[str, Path]) -> Checkpoint:
     """:func:`~deepimaging.core.checkpoint.load_checkpoint` for a ROG checkpoint, with a plain
     :class:`CheckpointError` for files torch cannot read (and torch's warnings silenced)."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. torch's "Detected pickle protocol 4" on foreign pickles
-            return load_checkpoint(path, method="rog")
+        return load_checkpoint(path, method="rog")
     except CheckpointError as exc:
-        if exc.__cause__ is None:  # our own check failed (format tag, header, method): already a clear message
+        if not str(exc).startswith("cannot read checkpoint"):
             raise
-        reason = _unreadable_reason(path, exc.__cause__)
-    # raised outside the handler, so torch's message (and its advice) is not even the implicit context
-    raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a deepimaging "
-                          f"checkpoint ({reason}); use a best.pt or last.pt written by deepimaging rog train")
+        message = str(exc)
+    raise CheckpointError(f"{message}; use a best.pt or last.pt written by deepimaging rog train")
 
 
 def load_rog(source: Union[str, Path, Checkpoint, RogModel], device: DeviceLike = "cpu") -> RogModel:

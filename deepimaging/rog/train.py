@@ -186,30 +186,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     return StepResult(float(loss.item()), grad)
 
 
-class _Run(TrainingRun):
-    """A :class:`TrainingRun` whose end-of-epoch report names the epoch just finished
-    ("epoch 3/3 done: ..."); the shared one reports the next epoch there ("epoch 4/3")."""
-
-    _ending = False
-
-    def end_epoch(self, *args: Any, **kwargs: Any) -> bool:
-        self._ending = True
-        try:
-            return super().end_epoch(*args, **kwargs)
-        finally:
-            self._ending = False
-
-    def report_step(self, fraction_of_epoch: float, message: str = "") -> None:
-        if not self._ending:
-            super().report_step(fraction_of_epoch, message)
-            return
-        self.epoch -= 1  # report "all of the epoch just counted" rather than "none of the next"
-        try:
-            super().report_step(1.0, f"done: {message}")
-        finally:
-            self.epoch += 1
-
-
 @dataclass
 class InitWeights:
     """Weights to start from (``init_from``): a checkpoint's state dict and the plan it was trained under."""
@@ -369,7 +345,7 @@ def _train(dataset: RogDataset, plan: Plan, out_dir: Path, cfg: TrainSettings, a
         training["free_at_eps_normalised"] = [float(e) for e in free.eps_abs]
     header = make_header("rog", model.config(), preprocessing=plan.to_dict(),
                          labels={str(lb.value): lb.name for lb in plan.labels}, training=training)
-    run = _Run(out_dir, header, cfg.epochs, ctx, higher_is_better=True, progress=progress, cancel=cancel)
+    run = TrainingRun(out_dir, header, cfg.epochs, ctx, higher_is_better=True, progress=progress, cancel=cancel)
     if ctx.is_main:
         (out_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2), encoding="utf-8")
     if resume and run.resume(model, optimizer, scheduler, scaler):
