@@ -18,7 +18,7 @@ from slicer.parameterNodeWrapper import (
     WithinRange,
 )
 
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 import ROGSegmentLib
 from DeepImagingCommonLib.pathbinding import PathFieldBinding
@@ -78,6 +78,10 @@ class ROGSegmentParameterNode:
     stepsPerEpoch - Batches per epoch.
     trainingDevice - auto, cpu or cuda for training.
     outputFolder - Receives plan.json, best.pt, last.pt, training_log.csv.
+    robustnessReference - Reference segmentation of the input volume (segments named as the labels).
+    robustnessEps - Comma-separated eps in 1/255 of the model's intensity range.
+    robustnessAttacks - Comma-separated attacks, in order.
+    robustnessIterations - Gradient steps of APGD/PGD/FAB-T.
 
     Paths are str fields ("" = unset), synced with their path widgets by PathFieldBinding: a
     pathlib.Path field would show an empty path as ".".
@@ -94,6 +98,10 @@ class ROGSegmentParameterNode:
     stepsPerEpoch: Annotated[int, WithinRange(1, 100000)] = 250
     trainingDevice: Annotated[str, Choice(list(ROGSegmentLib.DEVICE_CHOICES))] = "auto"
     outputFolder: str = ""
+    robustnessReference: vtkMRMLSegmentationNode
+    robustnessEps: str = ",".join(f"{e:g}" for e in ROGSegmentLib.DEFAULT_EPS)
+    robustnessAttacks: str = ",".join(ROGSegmentLib.DEFAULT_ATTACKS)
+    robustnessIterations: Annotated[int, WithinRange(1, 1000)] = 5
 
 
 #
@@ -112,6 +120,7 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._cancelToken = None  # set while inference runs; Apply is then Cancel
+        self._robustnessCancel = None  # set while attacks run; Evaluate is then Cancel
         self._trainingJob = None  # set while training runs; Train is then Cancel
         self._shownModelPath = None
         self._modelPathBinding = None  # PathFieldBindings: the parameter node wrapper shows empty paths as "."
@@ -132,6 +141,7 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.robustnessButton.connect("clicked(bool)", self.onRobustnessButton)
         # Path widgets are synced by hand: the parameter node wrapper would show empty paths as ".".
         self._modelPathBinding = PathFieldBinding(self.ui.modelPathLineEdit, "modelPath")
         self._trainingFolderBinding = PathFieldBinding(self.ui.trainingFolderLineEdit, "trainingFolder")
@@ -143,6 +153,7 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainingSegmentationsComboBox.connect("checkedNodesChanged()", self._checkCanApply)
         self.ui.progressBar.hide()
         self.ui.trainingProgressBar.hide()
+        self.ui.robustnessProgressBar.hide()
         self._trainingTimer = qt.QTimer()
         self._trainingTimer.setInterval(500)
         self._trainingTimer.connect("timeout()", self._onTrainingTimer)
@@ -151,8 +162,9 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
-        if self._cancelToken is not None:
-            self._cancelToken.cancel()
+        for token in (self._cancelToken, self._robustnessCancel):
+            if token is not None:
+                token.cancel()
         if self._trainingJob is not None:
             self._trainingJob.cancel()  # never leave a training process behind Slicer
             self._trainingJob.wait(timeout=10)
@@ -172,8 +184,9 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed; training (files only) keeps running."""
-        if self._cancelToken is not None:
-            self._cancelToken.cancel()
+        for token in (self._cancelToken, self._robustnessCancel):
+            if token is not None:
+                token.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -216,6 +229,11 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._enable(self.ui.applyButton, self._missingInferenceInputs(), _("Segment the input volume"))
         if self._trainingJob is None:
             self._enable(self.ui.trainButton, self._missingTrainingInputs(), _("Plan and train ROG in the background"))
+        if self._robustnessCancel is None:
+            missing = [m for m in (self._missingInferenceInputs(),) if m]
+            if not self._parameterNode.robustnessReference:
+                missing.append(_("a reference segmentation"))
+            self._enable(self.ui.robustnessButton, _(" and ").join(missing), _("Attack the model on the input volume"))
 
     @staticmethod
     def _enable(button, missing, toolTip) -> None:
@@ -314,6 +332,58 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Progress callback of the Logic; keeps the GUI (and the Cancel button) responsive."""
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.progressBar.setFormat(f"{message} %p%" if message else "%p%")
+        slicer.app.processEvents()
+
+    def onRobustnessButton(self) -> None:
+        """Attack the model on the input volume against the reference, or cancel the attacks."""
+        if self._robustnessCancel is not None:
+            self._robustnessCancel.cancel()
+            self.ui.robustnessButton.enabled = False
+            self.ui.robustnessStatusLabel.text = _("Cancelling...")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to evaluate robustness."), waitCursor=False):
+            from DeepImagingCommonLib.dependencies import ensureModuleDependencies
+
+            ensureModuleDependencies("ROGSegment", askConfirmation=True)
+            self._runRobustness()
+
+    def _runRobustness(self) -> None:
+        from deepimaging.core.progress import CancelToken, Cancelled
+
+        parameters = self._parameterNode
+        self._robustnessCancel = CancelToken()
+        self._setRobustnessRunning(True)
+        try:
+            outputs = ROGSegmentLib.ROGRobustnessLogic().evaluate(
+                parameters.inputVolume, parameters.robustnessReference, parameters.modelPath,
+                eps=parameters.robustnessEps, attacks=parameters.robustnessAttacks.split(","),
+                iterations=parameters.robustnessIterations, device=parameters.device,
+                progress=self._onRobustnessProgress, cancel=self._robustnessCancel)
+            self._modelPathBinding.remember()
+            slicer.util.setSliceViewerLayers(background=outputs.adversarialVolume, fit=True)
+            slicer.modules.plots.logic().ShowChartInLayout(outputs.plotChartNode)
+            result = outputs.result
+            robust = ", ".join(f"{e * 255:g}: {d:.3f}" for e, d in zip(result.eps, result.robust_dice))
+            self.ui.robustnessStatusLabel.text = _(
+                "Clean Dice {clean:.3f}; robust Dice per eps {robust}. Added '{table}', the adversarial volume "
+                "and its segmentation at eps {shown:g}/255 ({seconds:.0f} s).").format(
+                clean=result.clean_dice, robust=robust, table=outputs.tableNode.GetName(), shown=outputs.shownEps,
+                seconds=outputs.seconds)
+        except Cancelled:
+            self.ui.robustnessStatusLabel.text = _("Cancelled; nothing was added.")
+        finally:
+            self._robustnessCancel = None
+            self._setRobustnessRunning(False)
+
+    def _setRobustnessRunning(self, running: bool) -> None:
+        self._setRunning(running, (self.ui.robustnessReferenceSelector, self.ui.robustnessEpsLineEdit,
+                                   self.ui.robustnessAttacksLineEdit, self.ui.robustnessIterationsSpinBox,
+                                   self.ui.applyButton), self.ui.robustnessButton, self.ui.robustnessProgressBar,
+                         _("Cancel"), _("Evaluate robustness"))
+
+    def _onRobustnessProgress(self, fraction: float, message: str) -> None:
+        self.ui.robustnessProgressBar.value = int(round(100 * fraction))
+        self.ui.robustnessProgressBar.setFormat(f"{message} %p%" if message else "%p%")
         slicer.app.processEvents()
 
     def onTrainButton(self) -> None:
@@ -423,40 +493,47 @@ class ROGSegmentTest(ScriptedLoadableModuleTest):
         self.test_ROGSegmentIntoNewSegmentation()
         self.setUp()
         self.test_ROGSegmentExportTrainingPairs()
+        self.setUp()
+        self.test_ROGSegmentRobustness()
 
     def _makeCase(self):
         """A 32^3 CT-like volume with two blob organs (labels 1 liver, 2 kidney) as a volume node."""
-        from DeepImagingCommonLib import nodes
         from DeepImagingCommonLib.dependencies import ensureModuleDependencies
 
         ensureModuleDependencies("ROGSegment", askConfirmation=False)
-        from deepimaging.rog.synthetic import make_blob_case
+        from ROGSegmentLib.selftest import blobVolume
 
-        image, labels = make_blob_case((32, 32, 32), seed=0)
-        return nodes.volumeNodeFromImage(image, "ROGSegmentTestVolume"), labels.array
+        return blobVolume()
 
     def test_ROGSegmentIntoNewSegmentation(self):
-        import torch
-        from deepimaging.core.checkpoint import make_header, save_checkpoint
-        from deepimaging.rog.plan import ChannelInfo, LabelInfo, Plan
+        from ROGSegmentLib.selftest import randomCheckpoint
 
         self.delayDisplay("Segmenting a generated volume with a small, randomly initialised ROG checkpoint")
         volumeNode, _labels = self._makeCase()
-        labels = [LabelInfo(0, "background", "background"), LabelInfo(1, "liver", "organ"),
-                  LabelInfo(2, "kidney", "organ")]
-        plan = Plan("SelfTest", 1, [ChannelInfo("CT", "clip_zscore", 0.0, 300.0, 150.0, 60.0)], labels, (1.0,) * 3,
-                    (1.0,) * 3, None, (32,) * 3, (32,) * 3, ((2, 2, 2), (2, 2, 2)), (1, 1, 1))
-        torch.manual_seed(0)
-        model = plan.build_model()
-        header = make_header("rog", model.config(), preprocessing=plan.to_dict(),
-                             labels={str(lb.value): lb.name for lb in labels})  # as training writes it
         with tempfile.TemporaryDirectory() as folder:
-            checkpoint = save_checkpoint(os.path.join(folder, "best.pt"), model.state_dict(), header)
-            segmentationNode = ROGSegmentLogic().segment(volumeNode, checkpoint, device="cpu")
+            segmentationNode = ROGSegmentLogic().segment(volumeNode, randomCheckpoint(folder), device="cpu")
         segmentation = segmentationNode.GetSegmentation()
         self.assertEqual([segmentation.GetSegment(i).GetName() for i in segmentation.GetSegmentIDs()],
                          ["liver", "kidney"])
         self.assertEqual(segmentationNode.GetNodeReference("referenceImageGeometryRef"), volumeNode)
+        self.delayDisplay("Test passed")
+
+    def test_ROGSegmentRobustness(self):
+        from DeepImagingCommonLib import nodes
+        from ROGSegmentLib.selftest import randomCheckpoint
+
+        self.delayDisplay("Attacking a small ROG on a generated volume (PGD and APGD-CE, 2 iterations)")
+        volumeNode, labels = self._makeCase()
+        reference = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Reference")
+        for value, name in ((1, "liver"), (2, "kidney")):
+            nodes.writeMaskToSegment(labels == value, reference, volumeNode, name=name)
+        with tempfile.TemporaryDirectory() as folder:
+            outputs = ROGSegmentLib.ROGRobustnessLogic().evaluate(
+                volumeNode, reference, randomCheckpoint(folder), eps=[0, 8], attacks=["pgd", "apgd-ce"], iterations=2,
+                device="cpu")
+        self.assertEqual(outputs.tableNode.GetTable().GetNumberOfRows(), 2)
+        self.assertLessEqual(outputs.result.robust_dice[1], outputs.result.clean_dice + 1e-9)
+        self.assertIsNotNone(outputs.adversarialVolume.GetImageData())
         self.delayDisplay("Test passed")
 
     def test_ROGSegmentExportTrainingPairs(self):

@@ -5,8 +5,11 @@ from .logic import (DEVICE_CHOICES, MODALITY_CHOICES, ModelInfo, ROGSegmentLogic
 from .export import (TrainingData, describePairs, exportTrainingData, pairsFromSegmentations, prepareDataFolder,
                      referenceVolume)
 from .training import TrainingJob, TrainingStatus, parseTrainingLine, trainingSteps
+from .robustness import (ATTACK_CHOICES, DEFAULT_ATTACKS, DEFAULT_EPS, ROGRobustnessLogic, RobustnessOutputs,
+                         parseEps, referenceLabelImage)
 
 __all__ = ["DEVICE_CHOICES", "MODALITY_CHOICES", "ModelInfo", "ROGSegmentLogic", "isPathSet", "modelDescription",
            "readModelInfo", "requireModelPath", "segmentColor", "volumeImage", "TrainingData", "describePairs",
            "exportTrainingData", "pairsFromSegmentations", "prepareDataFolder", "referenceVolume", "TrainingJob",
-           "TrainingStatus", "parseTrainingLine", "trainingSteps"]
+           "TrainingStatus", "parseTrainingLine", "trainingSteps", "ATTACK_CHOICES", "DEFAULT_ATTACKS", "DEFAULT_EPS",
+           "ROGRobustnessLogic", "RobustnessOutputs", "parseEps", "referenceLabelImage"]

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from deepimaging.core.device import DeviceLike, select_device
 from deepimaging.core.errors import InputError
+from deepimaging.core.image import Image
 from deepimaging.core.progress import CancelToken, ProgressCallback, report, sub_progress
 from deepimaging.robustness.autoattack import DEFAULT_ATTACKS, RobustnessResult, run_autoattack
+from deepimaging.robustness.losses import foreground_dice
 
 PathLike = Union[str, Path]
 EPS_UNITS = ("range", "intensity", "normalised")
@@ -154,3 +157,61 @@ def evaluate_dataset(model: PathLike, data: PathLike, out_dir: PathLike, eps: Se
 
 def read_report(path: PathLike) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@dataclass
+class AttackedCase:
+    """One attacked case on the user's grid: what Slicer shows and the CLI could write."""
+
+    adversarial: Image    # the adversarial volume in the original intensity units
+    perturbation: Image   # adversarial - original (intensity units)
+    labels: Image         # the model's label map on the adversarial input (label values)
+    dice: float             # mean foreground Dice of that label map (network grid)
+
+
+def _intensity_scale(channel, original) -> Tuple[float, float, float]:
+    """(units per normalised unit, clip low, clip high) of a channel in the original intensities."""
+    scale, low, high = float(channel.std), float(channel.percentile_00_5), float(channel.percentile_99_5)
+    if channel.normalization == "minmax_clip_zscore":  # per-image min-max to [0, 1] came first
+        lo, hi = float(original.min()), float(original.max())
+        span = hi - lo if hi > lo else 1.0
+        scale, low, high = scale * span, lo + low * span, lo + high * span
+    return scale, low, high
+
+
+def attacked_case(model, image: Image, prepared, adversarial_input: torch.Tensor) -> AttackedCase:
+    """Map an adversarial network input back to the case's own grid and intensities, and segment it.
+
+    ``image``: the case's original single-channel :class:`Image`; ``prepared``: its
+    :class:`PreparedCase`; ``adversarial_input``: ``(1, 1, D, H, W)`` on the network grid (a
+    ``result.examples`` entry).  The perturbation ``delta`` (normalised units) becomes
+    ``delta * std`` intensity units (times the image's min-max span for MRI-like channels),
+    resampled back linearly when the case was resampled.  Voxels outside the plan's clip range
+    (which the network saw at the clip limit) are set to ``limit + perturbation``, so that
+    preprocessing the adversarial volume gives the attacked input again (exactly when no
+    resampling was needed).
+    """
+    from deepimaging.rog.infer import SlidingWindowSegmenter
+    from deepimaging.rog.preprocess import from_target, restore_labels
+
+    segmenter = model if isinstance(model, SlidingWindowSegmenter) else SlidingWindowSegmenter.from_checkpoint(model)
+    plan = segmenter.plan
+    if len(plan.channels) != 1:
+        raise InputError("mapping an adversarial example back needs a single-channel model")
+    clean = prepared.image.detach().cpu()
+    adversarial_input = adversarial_input.detach().cpu().reshape(clean.shape)
+    scale, low, high = _intensity_scale(plan.channels[0], image.array)
+    delta = ((adversarial_input - clean)[0, 0].numpy().astype(np.float64)) * scale
+    delta = from_target(delta, prepared.grid, plan, "linear")
+    original = image.array.astype(np.float64)
+    clipped = np.clip(original, low, high)
+    adversarial = np.where((delta != 0) & (clipped != original), clipped + delta, original + delta)
+    device = next(segmenter.model.parameters()).device
+    with torch.no_grad():
+        logits = segmenter(adversarial_input.to(device))
+    predicted = logits.argmax(1).cpu()
+    dice = (float(foreground_dice(predicted, prepared.label.cpu(), len(plan.labels))[0])
+            if prepared.label is not None else float("nan"))
+    return AttackedCase(image.with_array(adversarial.astype(np.float32)),
+                        image.with_array((adversarial - original).astype(np.float32)),
+                        restore_labels(predicted[0].numpy().astype(np.uint8), prepared.grid, plan), dice)
