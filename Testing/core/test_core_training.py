@@ -1,9 +1,4 @@
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +7,7 @@ from deepimaging.core.checkpoint import load_checkpoint
 from deepimaging.core.distributed import DistContext, all_reduce_mean, init_distributed, rank_seed, wrap_model
 from deepimaging.core.progress import CancelToken, Cancelled
 from deepimaging.core.training import TrainingRun, format_seconds
-
-REPO = Path(__file__).resolve().parents[2]
+from torchrun import run_two_ranks
 
 
 def fit_line(run: TrainingRun, model, opt, epochs_now):
@@ -99,19 +93,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_ranks_end_identical(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_two_ranks([script, tmp_path], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")

@@ -1,10 +1,6 @@
 """ROG training: it learns, checkpoints carry the plan, resume continues, cancel stops, DDP ranks agree."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,8 +13,8 @@ from deepimaging.rog.data import RogDataset
 from deepimaging.rog.infer import load_rog
 from deepimaging.rog.plan import Plan
 from deepimaging.rog.train import train_rog, weights_digest
+from torchrun import run_two_ranks
 
-REPO = Path(__file__).resolve().parents[3]
 
 
 def test_short_training_learns_the_blobs(trained, blob_plan):
@@ -72,24 +68,14 @@ def test_cancel_and_bad_arguments(blob_root, blob_plan, tmp_path):
         train_rog(blob_root, tmp_path / "x", 1, plan=tmp_path / "missing.json")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_training_ends_with_identical_weights(blob_root, blob_plan, tmp_path):
     """`deepimaging rog train` under torchrun with 2 CPU ranks (gloo); every rank hashes its weights."""
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(blob_plan.to_dict()))
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "deepimaging", "rog", "train", "--data", str(blob_root), "--plan", str(plan_file),
-           "--out", str(out), "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "1", "--threads", "1",
-           "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_two_ranks(["-m", "deepimaging", "rog", "train", "--data", blob_root, "--plan", plan_file, "--out", out,
+                          "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "1", "--threads", "1",
+                          "--device", "cpu"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = json.loads((out / "ddp_ranks.json").read_text())
     assert ranks["world_size"] == 2 and len(set(ranks["sha256"])) == 1
