@@ -14,7 +14,7 @@ Reproduces the qualitative findings the ROG paper reports for AutoAttack on segm
   against one training step at the same patch size.
 
 Not part of ``make test``: ``python Testing/bench/bench_robustness.py [--quick] [--out DIR]``
-(about 15 minutes on one CPU thread; ``--quick`` is a 3-minute smoke run).
+(about 40 minutes on one CPU thread; ``--quick`` is an 8-minute smoke run).
 """
 
 import argparse
@@ -88,7 +88,7 @@ def main():
     quick = args.quick
     epochs, steps = (4, 8) if quick else (20, 12)
     tune_epochs = 2 if quick else 10
-    iterations, queries = (3, 40) if quick else (10, 200)
+    iterations, queries = (3, 40) if quick else (10, 100)
     eps = [0, 8, 16] if quick else [0, 4, 8, 12, 16]
     n_test = 2 if quick else 3
     out = args.out
