@@ -47,6 +47,27 @@ segmentation = node.GetSegmentation()
 print("SEGMENTS", "|".join(segmentation.GetSegment(i).GetName() for i in segmentation.GetSegmentIDs()))
 """
 
+ROG_ROBUSTNESS = """
+import numpy as np
+import slicer
+from DeepImagingCommonLib import nodes
+from deepimaging.core.image import Image
+from ROGSegmentLib import ROGRobustnessLogic
+from rogcases import save_rog, tiny_plan
+
+checkpoint = save_rog({checkpoint!r}, tiny_plan())
+z, y, x = np.indices((20, 36, 36))
+liver = (x - 18) ** 2 + (y - 18) ** 2 + ((z - 10) * 2) ** 2 < 100
+array = np.where(liver, 150.0, 60.0) + np.random.default_rng(0).normal(0.0, 20.0, liver.shape)
+volume = nodes.volumeNodeFromImage(Image(array.astype(np.float32), (0.9, 0.9, 1.8)), "CT")
+reference = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+nodes.writeMaskToSegment(liver, reference, volume, name="liver")
+reference.GetSegmentation().AddEmptySegment("", "liver tumour")
+outputs = ROGRobustnessLogic().evaluate(volume, reference, checkpoint, eps=[0, 8], attacks=["apgd-ce", "square"],
+                                        iterations=2, squareQueries=5, device="cpu")
+print("ROWS", outputs.tableNode.GetTable().GetNumberOfRows(), "SERIES", outputs.plotChartNode.GetNumberOfPlotSeriesNodes())
+"""
+
 ROG_TRAINING = """
 import json
 import numpy as np
@@ -133,6 +154,11 @@ def test_rog_segment_needs_exactly_its_on_demand_package(slicer_python, tmp_path
     assert result.returncode != 0, result.stdout
     assert "DependencyError: ROGSegment needs packages that are not installed" in result.stderr, result.stderr
     assert "monai>=1.3 (installed: none)" in result.stderr and "ensureModuleDependencies('ROGSegment')" in result.stderr
+
+
+def test_rog_robustness(slicer_python, tmp_path):
+    out = slicer_python.check(run(slicer_python, "ROGSegment", ROG_ROBUSTNESS.format(checkpoint=str(tmp_path / "m.pt"))))
+    assert "ROWS 2 SERIES 4" in out, out
 
 
 @pytest.mark.slow
