@@ -98,25 +98,24 @@ def main():
     cases = held_out(root, n_test, (40, 40, 40))
     plan = cpu_friendly(plan_dataset(root), (32, 32, 32))
     start = time.perf_counter()
-    clean = train_rog(root, out / "clean", epochs, plan=plan, steps_per_epoch=steps, resume=False, device="cpu")
+    clean = train_rog(root, out / "pretrained", epochs, plan=plan, steps_per_epoch=steps, resume=False, device="cpu")
     clean_seconds = time.perf_counter() - start
     runs = {}
-    for name, free in (("clean fine-tune", False), ("Free AT fine-tune", True)):
+    for name, folder, free in (("clean fine-tune", "clean_finetune", False), ("Free AT fine-tune", "freeat_finetune", True)):
         start = time.perf_counter()
-        result = train_rog(root, out / name.split()[0].lower(), tune_epochs, plan=plan, steps_per_epoch=steps,
+        result = train_rog(root, out / folder, tune_epochs, plan=plan, steps_per_epoch=steps,
                            resume=False, init_from=clean.best_path, free_at=free, device="cpu")
-        runs[name] = (result, time.perf_counter() - start)
+        runs[name] = (result, time.perf_counter() - start, folder)
 
     summary = {"settings": {"train_epochs": epochs, "steps_per_epoch": steps, "fine_tune_epochs": tune_epochs,
                             "iterations": iterations, "square_queries": queries, "eps_255": eps,
                             "test_cases": n_test, "patch": list(plan.patch_size)},
                "clean_training_seconds": round(clean_seconds, 1), "models": {}}
     tables = []
-    for name, (run, seconds) in runs.items():
+    for name, (run, seconds, folder) in runs.items():
         result, _ = evaluate_rog_robustness(run.best_path, cases, eps, attacks=ATTACKS, iterations=iterations,
                                             square_queries=queries, cascade=False, device="cpu")
-        folder = out / name.split()[0].lower() / "report"
-        write_report(result, folder)
+        write_report(result, out / folder / "report")
         summary["models"][name] = {"fine_tune_seconds": round(seconds, 1), "clean_dice": result.clean_dice,
                                    "attacks": result.attacks, "auc": result.auc, "robust_dice": result.robust_dice,
                                    "robust_auc": result.robust_auc, "warnings": result.warnings,
@@ -125,7 +124,7 @@ def main():
         print(f"{name}: clean Dice {result.clean_dice:.3f}; AUC " + ", ".join(
             f"{k} {v:.3f}" for k, v in result.auc.items()) + f"; robust AUC {result.robust_auc:.3f}")
 
-    step = time_training_step(runs["clean fine-tune"][0].best_path, plan)
+    step = time_training_step(runs["clean fine-tune"][0].best_path, plan)  # both fine-tunes start from pretrained/
     attack_seconds = time_attacks(runs["clean fine-tune"][0].best_path, cases[0], 8, iterations, queries)
     summary["cost"] = {"training_step_seconds": step, "attack_seconds_per_case": attack_seconds,
                        "ratio_to_training_step": {k: v / step for k, v in attack_seconds.items()}}
