@@ -71,12 +71,16 @@ class Requirement:
         return f"Requirement({self.specifier!r})"
 
 
-MONAI = Requirement("monai", "monai", "1.3", "ROG's sliding-window inference, augmentation and Dice+CE loss")
+MONAI = Requirement("monai", "monai", "1.3", "ROG's sliding-window inference, augmentation and Dice+CE loss; "
+                    "GLS's U-Net and UNet++ baselines")
 
 # What each module installs on first use, beyond torch.  LevelSetRefine and NIRSTRecon need
 # nothing more: the library imports scikit-image, tqdm, matplotlib, nilearn and slicerio only
 # on the shell and evaluation paths (`deepimaging` CLI, figures, tables), never from Slicer.
+# GLSSegment needs MONAI because the U-Net and UNet++ baselines it trains and runs
+# (--arch unet|unetpp) are MONAI's BasicUNet / BasicUNetPlusPlus.
 MODULE_REQUIREMENTS = {
+    "GLSSegment": (MONAI,),
     "LevelSetRefine": (),
     "NIRSTRecon": (),
     "ROGSegment": (MONAI,),

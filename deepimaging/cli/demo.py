@@ -11,7 +11,7 @@ import importlib
 import time
 from pathlib import Path
 
-DEMO_STEPS = ("levelset", "nirst", "rog")
+DEMO_STEPS = ("levelset", "nirst", "rog", "gls")
 
 
 def register(methods: argparse._SubParsersAction) -> None:
