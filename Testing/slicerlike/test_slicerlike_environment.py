@@ -5,7 +5,7 @@ If these fail, the module-path tests beside them prove nothing.
 
 import pytest
 
-MODULES = ("LevelSetRefine", "NIRSTRecon", "ROGSegment")
+MODULES = ("GLSSegment", "LevelSetRefine", "NIRSTRecon", "ROGSegment")
 
 
 def test_install_tree_holds_what_the_cmake_lists_install(install_tree):
@@ -56,5 +56,7 @@ def test_module_libs_import_in_slicers_python(slicer_python, module):
     code = (f"import {module}Lib, DeepImagingCommonLib.nodes, DeepImagingCommonLib.process\n"
             "import deepimaging.core.checkpoint, deepimaging.levelset, deepimaging.nirst.recon, deepimaging.rog.plan\n")
     if module == "ROGSegment":
-        code += "import deepimaging.rog.infer, deepimaging.rog.train\n"
+        code += "import deepimaging.rog.infer, deepimaging.rog.train, deepimaging.robustness.rog\n"
+    if module == "GLSSegment":
+        code += "import deepimaging.gls.infer, deepimaging.gls.train, deepimaging.gls.baselines\n"
     slicer_python.check(slicer_python.run(module, code))

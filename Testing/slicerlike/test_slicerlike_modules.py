@@ -130,6 +130,27 @@ assert any(parseProgressLine(line) for line in lines), "\\n".join(lines)
 print("CHECKPOINT", NIRSTReconLogic.trainedCheckpoint(folder / "out").name)
 """
 
+GLS_SEGMENT_AND_TRAIN = """
+from pathlib import Path
+import slicer
+from DeepImagingCommonLib import nodes
+from GLSSegmentLib import GLSSegmentLogic
+from GLSSegmentLib.selftest import bscanVolume, randomCheckpoint
+
+folder = Path({folder!r})
+volume, masks, keypoints = bscanVolume(slices=2)
+outputs = GLSSegmentLogic().segment(volume, randomCheckpoint(folder), device="cpu")
+print("POINTS", outputs.keypointCount)
+segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+nodes.writeMaskToSegment(masks, segmentation, volume, name="iris")
+job = GLSSegmentLogic().startTraining(folder / "run", pairs=[(volume, segmentation)], architecture="global", epochs=1,
+                                      device="cpu", extraArguments=["--size", "64", "64", "--widths", "4", "8", "16",
+                                                                    "32", "64"])
+job.wait(timeout=300)
+assert job.state.value == "succeeded", job.errorMessage()
+print("TRAINED", (folder / "run" / "best.pt").is_file())
+"""
+
 
 def run(slicer_python, module, code, **options):
     return slicer_python.run(module, textwrap.dedent(code), **options)
@@ -177,3 +198,9 @@ def test_nirst_training_child(slicer_python, tmp_path):
     out = slicer_python.check(run(slicer_python, "NIRSTRecon", NIRST_TRAINING.format(folder=str(tmp_path)),
                                   timeout=400))
     assert "CHECKPOINT best.pt" in out
+
+
+def test_gls_segment_and_training_child(slicer_python, tmp_path):
+    out = slicer_python.check(run(slicer_python, "GLSSegment", GLS_SEGMENT_AND_TRAIN.format(folder=str(tmp_path)),
+                                  timeout=400))
+    assert "POINTS 4" in out and "TRAINED True" in out, out
