@@ -161,10 +161,13 @@ class CENet(nn.Module):
         self.decoder3 = DecoderBlock(c3, c2)
         self.decoder2 = DecoderBlock(c2, c1)
         self.decoder1 = DecoderBlock(c1, c1)
-        half = max(c1 // 2, 1)
-        self.head = nn.Sequential(nn.ConvTranspose2d(c1, half, 4, 2, 1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(half, half, 3, padding=1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(half, out_channels, 3, padding=1))
+        # The published head has 32 channels whatever the encoder width; halving it with the
+        # width (8 channels at base width 16) let its two ReLUs die and the net collapse to
+        # background.
+        head = 32
+        self.head = nn.Sequential(nn.ConvTranspose2d(c1, head, 4, 2, 1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(head, head, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(head, out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e1 = self.layer1(self.stem(x))
