@@ -34,6 +34,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python Testing/bench/bench_chanvese.py
 	$(BIN)/python Testing/bench/bench_rog_vs_monai.py --quick
+	$(BIN)/python Testing/bench/bench_robustness.py --quick
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
