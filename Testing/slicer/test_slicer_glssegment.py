@@ -402,16 +402,6 @@ def test_training_job_reports_progress_and_cancel_kills_it(tmp_path):
     assert not scratch.exists()
 
 
-def _cli_has_gls_train():
-    try:
-        from deepimaging.cli import gls  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _cli_has_gls_train(), reason="deepimaging/cli/gls.py (the 'deepimaging gls train' verb) "
-                    "is not there yet")
 def test_train_from_scene_pairs_with_the_real_cli_then_segment(scene_pairs, tmp_path):
     """Scene pairs -> export -> ``deepimaging gls train`` child (1 epoch) -> best.pt -> new nodes.
 
@@ -439,7 +429,6 @@ def test_train_from_scene_pairs_with_the_real_cli_then_segment(scene_pairs, tmp_
     assert [label for label, _, _ in control_points(outputs.keypointsNode)] == ["left tail", "right tail"]
 
 
-@pytest.mark.skipif(not _cli_has_gls_train(), reason="deepimaging/cli/gls.py is not there yet")
 def test_cli_errors_reach_the_panel(tmp_path):
     """A folder whose images lack masks: the library's message becomes the job's error."""
     from deepimaging.gls.synthetic import write_synthetic_dataset

@@ -38,7 +38,8 @@ from deepimaging.core.progress import CancelToken, ProgressCallback, report, sub
 from .data import Sample
 from .infer import ARCHS, KEYPOINT_ARCHS, SIZE_DIVISORS, GLSModel, check_arch, load_gls, predict_image
 from .model import DEFAULT_WIDTHS, count_parameters
-from .train import DataLike, as_samples, split_indices, train_gls
+from .train import train_gls
+from .trainingdata import DataLike, as_samples, split_indices
 
 log = logging.getLogger(__name__)
 
