@@ -31,12 +31,12 @@ import numpy as np
 import slicer
 from DeepImagingCommonLib import nodes
 from DeepImagingCommonLib.dependencies import installedTorchVersion, requireModuleDependencies
+from DeepImagingCommonLib.inputs import DEVICE_CHOICES, isPathSet, requireCheckpointPath, requireDevice  # noqa: F401
 from deepimaging.core.errors import CheckpointError, DeepImagingError, InputError
 from deepimaging.core.progress import check_cancel, report, sub_progress
 
 from . import export, training
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ARCHITECTURE_CHOICES = ("gls", "global", "unet", "unetpp", "cenet")
 KEYPOINT_ARCHITECTURES = ("gls", "global")  # those with a keypoint (heatmap) head
 FOREGROUND_SEGMENT_NAME = "foreground"
@@ -44,16 +44,6 @@ FOREGROUND_COLOR = (0.93, 0.6, 0.16)
 KEYPOINT_COLOR = (0.2, 0.85, 1.0)
 # LPS (the library's physical space) -> RAS (Slicer's): x and y change sign.
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
-
-
-def requireDevice(device):
-    """``None`` for automatic choice, else the device string; unknown names are an InputError."""
-    device = (device or "auto").strip().lower()
-    if device == "auto":
-        return None
-    if device not in DEVICE_CHOICES and not device.startswith("cuda:"):
-        raise InputError(f"unknown device '{device}': choose one of {', '.join(DEVICE_CHOICES)}")
-    return device
 
 
 def requireThreshold(threshold):
@@ -67,19 +57,9 @@ def requireThreshold(threshold):
     return value
 
 
-def isPathSet(path):
-    """False for no path: ``None``, "" or "." (what an empty path widget gives)."""
-    return path is not None and str(path).strip() not in ("", ".")
-
-
 def requireModelPath(path):
     """The checkpoint path as a ``Path``; an unset or missing file gives a clear error."""
-    if not isPathSet(path):
-        raise InputError("no model selected: choose a GLS checkpoint file (best.pt from training)")
-    path = Path(str(path).strip()).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    return path
+    return requireCheckpointPath(path, "GLS")
 
 
 def bscanImage(volumeNode):

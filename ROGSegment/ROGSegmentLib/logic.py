@@ -19,13 +19,13 @@ import numpy as np
 import slicer
 from DeepImagingCommonLib import nodes
 from DeepImagingCommonLib.dependencies import installedTorchVersion, requireModuleDependencies
+from DeepImagingCommonLib.inputs import DEVICE_CHOICES, isPathSet, requireCheckpointPath, requireDevice  # noqa: F401
 from deepimaging.core.errors import CheckpointError, DeepImagingError, InputError
 from deepimaging.core.progress import check_cancel, report, sub_progress
 from deepimaging.core.segfile import DEFAULT_COLORS
 
 from . import export, training
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 MODALITY_CHOICES = ("CT", "MR", "other")
 
 
@@ -37,29 +37,9 @@ def segmentColor(index):
     return colorsys.hsv_to_rgb(hue, 0.65, 0.9)
 
 
-def requireDevice(device):
-    """``None`` for automatic choice, else the device string; unknown names are an InputError."""
-    device = (device or "auto").strip().lower()
-    if device == "auto":
-        return None
-    if device not in DEVICE_CHOICES and not device.startswith("cuda:"):
-        raise InputError(f"unknown device '{device}': choose one of {', '.join(DEVICE_CHOICES)}")
-    return device
-
-
-def isPathSet(path):
-    """False for no path: ``None``, "" or "." (what an empty path widget gives)."""
-    return path is not None and str(path).strip() not in ("", ".")
-
-
 def requireModelPath(path):
     """The checkpoint path as a ``Path``; an unset or missing file gives a clear error."""
-    if not isPathSet(path):
-        raise InputError("no model selected: choose a ROG checkpoint file (best.pt from training)")
-    path = Path(str(path).strip()).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    return path
+    return requireCheckpointPath(path, "ROG")
 
 
 def volumeImage(volumeNode):
