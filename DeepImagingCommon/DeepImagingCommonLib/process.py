@@ -58,6 +58,9 @@ LEFTOVER_OUTPUT_SECONDS = 1.0
 _PEEK_EXIT = sys.platform.startswith("linux") and hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
 
 
+ERROR_PREFIX = "deepimaging: error:"  # how the CLI starts the line of a failure it explains
+
+
 class ProcessState(enum.Enum):
     NOT_STARTED = "not started"
     RUNNING = "running"

@@ -16,14 +16,13 @@ an error naming it.  Qt-free, like the rest of GLSSegmentLib.
 """
 
 import csv
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from DeepImagingCommonLib import nodes
+from DeepImagingCommonLib import jobs, nodes
 from deepimaging.core.errors import InputError
 from deepimaging.core.progress import report
 
@@ -181,6 +180,4 @@ def temporaryFolder():
     return Path(tempfile.mkdtemp(prefix="GLSSegment-"))
 
 
-def removeFolder(folder):
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
+removeFolder = jobs.removeFolder

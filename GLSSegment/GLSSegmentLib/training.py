@@ -1,24 +1,20 @@
 """Training from Slicer: ``deepimaging gls train`` in a child process, polled by the panel.
 
 Training takes minutes to hours, so it never runs in Slicer's process: :class:`TrainingJob`
-starts the CLI with ``DeepImagingCommonLib.process`` (output read on a thread, polled from
-the GUI's timer, Cancel kills the whole process tree) and turns its ``PROGRESS <fraction>
+(a ``DeepImagingCommonLib.jobs.CommandJob``: output read on a thread, polled from the GUI's
+timer, Cancel kills the whole process tree) starts the CLI and turns its ``PROGRESS <fraction>
 <message>`` lines (the child environment asks for them) into a :class:`TrainingStatus`.
 Qt-free, like the rest of GLSSegmentLib.
 """
 
-import collections
-import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from DeepImagingCommonLib import process
+from DeepImagingCommonLib.jobs import CommandJob
 from deepimaging.core.errors import InputError
 
-from .export import removeFolder
-
-ERROR_PREFIX = "deepimaging: error:"
+ERROR_PREFIX = process.ERROR_PREFIX
 
 
 def trainingCommand(dataFolder, outputFolder, architecture="gls", epochs=100, keypoints=2, device=None,
@@ -77,89 +73,24 @@ def parseTrainingLine(line, status):
     return False
 
 
-class TrainingJob:
+
+class TrainingJob(CommandJob):
     """One ``deepimaging gls train`` child; the caller polls it (GUI timer) or waits (scripts, tests)."""
 
+    name = "GLSSegment"
+
     def __init__(self, command, outputFolder, env=None, cleanupFolder=None, cpuOnly=False):
-        self.command = [str(a) for a in command]
-        self.outputFolder = Path(outputFolder)
-        self.env = process.deepimagingEnvironment() if env is None else dict(env)
-        if cpuOnly:
-            self.env["CUDA_VISIBLE_DEVICES"] = "-1"  # the child never touches the GPU
-        self.cleanupFolder = cleanupFolder
-        self.state = process.ProcessState.NOT_STARTED
-        self.status = TrainingStatus()
-        self.output = collections.deque(maxlen=2000)
-        self._process = None
-        self._cancelRequested = False
+        super().__init__([("training", command)], outputFolder, env=env, cleanupFolder=cleanupFolder,
+                         cpuOnly=cpuOnly)
 
     @property
-    def running(self):
-        return self.state == process.ProcessState.RUNNING
+    def command(self):
+        return self.steps[0][1]
 
-    @property
-    def bestCheckpoint(self):
-        """``best.pt`` in the output folder, once training has written it."""
-        path = self.outputFolder / "best.pt"
-        return path if path.is_file() else None
+    def newStatus(self):
+        return TrainingStatus()
 
-    def start(self):
-        """Start the child; returns the job.  A child that cannot start ends the job as FAILED."""
-        self.state = process.ProcessState.RUNNING
-        try:
-            self.outputFolder.mkdir(parents=True, exist_ok=True)
-            logging.info("GLSSegment training: " + " ".join(self.command))
-            self._process = process.BackgroundProcess(self.command, env=self.env).start()
-        except Exception:
-            self._finish(process.ProcessState.FAILED)
-            raise
-        return self
-
-    def poll(self):
-        """New log lines (progress lines left out) since the last call; finishes the job when the child ended."""
-        if not self.running:
-            return []
-        shown = []
-        for line in self._process.poll():
-            self.output.append(line)
-            if not parseTrainingLine(line, self.status) and line.strip():
-                shown.append(line.rstrip())
-        state = self._process.state
-        if state == process.ProcessState.SUCCEEDED and not self._cancelRequested:
-            self._finish(process.ProcessState.SUCCEEDED)
-        elif state in (process.ProcessState.FAILED, process.ProcessState.CANCELLED, process.ProcessState.SUCCEEDED):
-            failed = state == process.ProcessState.FAILED and not self._cancelRequested
-            self._finish(process.ProcessState.FAILED if failed else process.ProcessState.CANCELLED)
-        return shown
-
-    def cancel(self):
-        """Kill the child and all it started; :meth:`poll` then reports CANCELLED."""
-        if self.running:
-            self._cancelRequested = True
-            self._process.cancel()
-
-    def wait(self, timeout=None, interval=0.05):
-        """Poll until the job ends (scripts and tests); returns the log lines."""
-        deadline = None if timeout is None else time.time() + timeout
-        lines = []
-        while self.running and (deadline is None or time.time() < deadline):
-            lines += self.poll()
-            time.sleep(interval)
-        return lines
-
-    def _finish(self, state):
-        self.state = state
-        if state == process.ProcessState.SUCCEEDED:
-            self.status.stage, self.status.fraction = "done", 1.0
-        else:
-            self.status.stage = "failed" if state == process.ProcessState.FAILED else "cancelled"
-        removeFolder(self.cleanupFolder)
-        self.cleanupFolder = None
-
-    def errorMessage(self):
-        """Why the job failed: the CLI's error line, else the last lines of its output."""
-        if self.status.error:
-            return self.status.error
-        tail = [line for line in self.output if line.strip() and process.parseProgressLine(line) is None][-8:]
-        code = self._process.returncode if self._process is not None else None
-        return "\n".join(tail) or f"training stopped with exit code {code}"
+    def parseLine(self, line, stageRange):
+        if parseTrainingLine(line, self.status) or not line.strip():
+            return None
+        return line.rstrip()

@@ -7,7 +7,6 @@ label map, and every label map is written on its own volume's grid through stora
 
 import json
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import vtk
 
 import slicer
-from DeepImagingCommonLib import nodes
+from DeepImagingCommonLib import jobs, nodes
 from deepimaging.core.errors import InputError
 from deepimaging.core.progress import report
 
@@ -256,6 +255,4 @@ def temporaryFolder():
     return Path(tempfile.mkdtemp(prefix="ROGSegment-"))
 
 
-def removeFolder(folder):
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
+removeFolder = jobs.removeFolder

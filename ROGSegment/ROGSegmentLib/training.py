@@ -1,24 +1,20 @@
 """Training from Slicer: ``deepimaging rog plan`` + ``train`` in child processes, polled by the panel.
 
 Training takes minutes to hours, so it never runs in Slicer's process: :class:`TrainingJob`
-starts the CLI verbs one after the other with ``DeepImagingCommonLib.process`` (output read
-on a thread, polled from the GUI's timer, Cancel kills the process tree) and turns their
+(a ``DeepImagingCommonLib.jobs.CommandJob``: output read on a thread, polled from the GUI's
+timer, Cancel kills the process tree) starts the CLI verbs one after the other and turns their
 output into a :class:`TrainingStatus` (epoch, loss, validation Dice, ETA).  The CLI is run
 with ``-v`` so every finished epoch logs one ``INFO epoch i/n <metric value>...`` line; its
 tqdm bar supplies the fraction done.  Qt-free, like the rest of ROGSegmentLib.
 """
 
-import collections
-import logging
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from DeepImagingCommonLib import process
+from DeepImagingCommonLib.jobs import CommandJob
 from deepimaging.core.errors import InputError
-
-from .export import removeFolder
 
 # Share of the progress bar per step; "training" also covers the CLI's own data loading.
 STAGE_RANGES = {"planning": (0.0, 0.05), "training": (0.05, 1.0)}
@@ -28,7 +24,7 @@ EPOCH_DONE = re.compile(r"INFO epoch (\d+)/(\d+) (.*)$")
 EPOCH_RUNNING = re.compile(r"epoch (\d+)/(\d+) loss (\S+)")
 ETA = re.compile(r"ETA (\d+(?::\d{2}){1,2})")
 METRIC = re.compile(r"([A-Za-z_][\w-]*) (-?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))(?=\s|$)")
-ERROR_PREFIX = "deepimaging: error:"
+ERROR_PREFIX = process.ERROR_PREFIX
 
 
 childEnvironment = process.deepimagingEnvironment
@@ -133,108 +129,22 @@ def logText(line):
     return line.rstrip()
 
 
-class TrainingJob:
+class TrainingJob(CommandJob):
     """Runs the steps of :func:`trainingSteps` one after the other; the caller polls it."""
 
+    name = "ROGSegment"
+    stageRanges = STAGE_RANGES
+
     def __init__(self, steps, outputFolder, env=None, cleanupFolder=None):
-        self.steps = list(steps)
-        self.outputFolder = Path(outputFolder)
-        self.env = childEnvironment() if env is None else env
-        self.cleanupFolder = cleanupFolder
-        self.state = process.ProcessState.NOT_STARTED
-        self.status = TrainingStatus()
-        self.output = collections.deque(maxlen=2000)
-        self._index = -1
-        self._process = None
-        self._cancelRequested = False
+        super().__init__(steps, outputFolder, env=childEnvironment() if env is None else env,
+                         cleanupFolder=cleanupFolder)
 
-    @property
-    def running(self):
-        return self.state == process.ProcessState.RUNNING
+    def newStatus(self):
+        return TrainingStatus()
 
-    @property
-    def bestCheckpoint(self):
-        """``best.pt`` in the output folder, once training has written it."""
-        path = self.outputFolder / "best.pt"
-        return path if path.is_file() else None
+    def parseLine(self, line, stageRange):
+        parseTrainingLine(line, self.status, stageRange)
+        return logText(line)
 
-    def start(self):
-        """Start the first step; returns the job.  A step that cannot start ends the job as FAILED."""
-        self.state = process.ProcessState.RUNNING
-        try:
-            self.outputFolder.mkdir(parents=True, exist_ok=True)
-            self._startStep(0)
-        except Exception:
-            self._finish(process.ProcessState.FAILED)
-            raise
-        return self
-
-    def _startStep(self, index):
-        self._index = index
-        stage, args = self.steps[index]
-        self.status.stage = stage
-        logging.info(f"ROGSegment {stage}: {' '.join(args)}")
-        self._process = process.BackgroundProcess(args, env=self.env).start()
-
-    def _stageRange(self):
-        stage = self.steps[self._index][0]
-        if len(self.steps) == 1:
-            return (0.0, 1.0)
-        return STAGE_RANGES.get(stage, (0.0, 1.0))
-
-    def poll(self):
-        """New log lines since the last call; advances to the next step or finishes."""
-        if not self.running:
-            return []
-        shown = []
-        for line in self._process.poll():
-            self.output.append(line)
-            parseTrainingLine(line, self.status, self._stageRange())
-            text = logText(line)
-            if text:
-                shown.append(text)
-        state = self._process.state
-        if state == process.ProcessState.SUCCEEDED and not self._cancelRequested:
-            if self._index + 1 < len(self.steps):
-                try:
-                    self._startStep(self._index + 1)
-                except OSError as error:
-                    self.status.error = f"could not start {self.steps[self._index + 1][0]}: {error}"
-                    self._finish(process.ProcessState.FAILED)
-            else:
-                self._finish(process.ProcessState.SUCCEEDED)
-        elif state in (process.ProcessState.FAILED, process.ProcessState.CANCELLED, process.ProcessState.SUCCEEDED):
-            failed = state == process.ProcessState.FAILED and not self._cancelRequested
-            self._finish(process.ProcessState.FAILED if failed else process.ProcessState.CANCELLED)
-        return shown
-
-    def cancel(self):
-        """Kill the running child (and its children); :meth:`poll` then reports CANCELLED."""
-        if self.running:
-            self._cancelRequested = True
-            self._process.cancel()
-
-    def wait(self, timeout=None, interval=0.05):
-        """Poll until the job ends (scripts and tests); returns the log lines."""
-        deadline = None if timeout is None else time.time() + timeout
-        lines = []
-        while self.running and (deadline is None or time.time() < deadline):
-            lines += self.poll()
-            time.sleep(interval)
-        return lines
-
-    def _finish(self, state):
-        self.state = state
-        if state == process.ProcessState.SUCCEEDED:
-            self.status.stage, self.status.fraction = "done", 1.0
-        else:
-            self.status.stage = "failed" if state == process.ProcessState.FAILED else "cancelled"
-        removeFolder(self.cleanupFolder)
-        self.cleanupFolder = None
-
-    def errorMessage(self):
-        """Why the job failed: the CLI's error line, else the last lines of its output."""
-        if self.status.error:
-            return self.status.error
-        tail = [line for line in self.output if line.strip() and not PERCENT.search(line)][-8:]
-        return "\n".join(tail) or f"{self.status.stage} stopped with exit code {self._process.returncode}"
+    def isNoise(self, line):
+        return bool(PERCENT.search(line))

