@@ -21,9 +21,7 @@ from slicer import vtkMRMLScalarVolumeNode
 
 import GLSSegmentLib
 from DeepImagingCommonLib.pathbinding import PathFieldBinding
-
-TRAIN_FROM_FOLDER = "Folder on disk"
-TRAIN_FROM_SCENE = "Segmentations in this scene"
+from DeepImagingCommonWidgets.trainingsection import TRAIN_FROM_FOLDER, TRAIN_FROM_SCENE, TrainingSectionMixin
 
 
 #
@@ -102,7 +100,7 @@ class GLSSegmentParameterNode:
 #
 
 
-class GLSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class GLSSegmentWidget(TrainingSectionMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Thin GUI: reads the parameter node, calls the Logic, shows progress and offers Cancel."""
 
     def __init__(self, parent=None) -> None:
@@ -323,68 +321,21 @@ class GLSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setFormat(f"{message} %p%" if message else "%p%")
         slicer.app.processEvents()
 
-    def onTrainButton(self) -> None:
-        """Start training in the background, or cancel the running job."""
-        if self._trainingJob is not None:
-            self._trainingJob.cancel()
-            self.ui.trainButton.enabled = False
-            self.ui.trainingStatusLabel.text = _("Cancelling...")
-            return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
-            from DeepImagingCommonLib.dependencies import ensureModuleDependencies
+    trainingModuleName = "GLSSegment"
+    trainingLib = GLSSegmentLib
 
-            # The training process uses Slicer's Python, its torch and the module's packages.
-            ensureModuleDependencies("GLSSegment", askConfirmation=True)
-            parameters = self._parameterNode
-            options = dict(outputFolder=parameters.outputFolder, architecture=parameters.architecture,
-                           epochs=parameters.epochs, keypoints=parameters.keypoints,
-                           device=parameters.trainingDevice, progress=self._onExportProgress)
-            self.ui.trainingLogTextEdit.clear()
-            if parameters.trainingSource == TRAIN_FROM_SCENE:
-                pairs = GLSSegmentLib.pairsFromSegmentations(self.ui.trainingSegmentationsComboBox.checkedNodes())
-                self._trainingJob = self.logic.startTraining(pairs=pairs, **options)
-            else:
-                self._trainingJob = self.logic.startTraining(dataFolder=parameters.trainingFolder, **options)
-                self._trainingFolderBinding.remember()
-            self._outputFolderBinding.remember()
-            self._setTraining(True)
-            self._trainingTimer.start()
+    def trainingOptions(self, parameters) -> dict:
+        """Keyword arguments of the Logic's ``startTraining`` from the panel (see TrainingSectionMixin)."""
+        return dict(architecture=parameters.architecture, epochs=parameters.epochs, keypoints=parameters.keypoints,
+                    device=parameters.trainingDevice)
 
-    def _onExportProgress(self, fraction: float, message: str) -> None:
-        self.ui.trainingStatusLabel.text = message
-        slicer.app.processEvents()
-
-    def _onTrainingTimer(self) -> None:
-        """Drain the job's output on the GUI thread and show its progress."""
-        job = self._trainingJob
-        if job is None:
-            self._trainingTimer.stop()
-            return
-        for line in job.poll():
-            self.ui.trainingLogTextEdit.appendPlainText(line)
-        self.ui.trainingProgressBar.value = int(round(100 * job.status.fraction))
-        self.ui.trainingStatusLabel.text = job.status.text()
-        if not job.running:
-            self._trainingTimer.stop()
-            self._trainingJob = None
-            self._setTraining(False)
-            self._reportTraining(job)
-
-    def _reportTraining(self, job) -> None:
-        """Offer the best checkpoint for segmentation, or say how the job ended."""
-        from DeepImagingCommonLib.process import ProcessState
-
-        if job.state == ProcessState.SUCCEEDED and job.bestCheckpoint is not None:
-            if self._parameterNode:  # None when the scene was closed during training
-                self._parameterNode.modelPath = str(job.bestCheckpoint)
-            self.ui.segmentCollapsibleButton.collapsed = False
-            self.ui.trainingStatusLabel.text = _("Finished ({summary}); its best checkpoint is selected in the "
-                                                 "Segment section.").format(summary=job.status.text())
-        elif job.state == ProcessState.CANCELLED:
-            self.ui.trainingStatusLabel.text = _("Training cancelled.")
-        else:
-            self.ui.trainingStatusLabel.text = _("Training failed.")
-            slicer.util.errorDisplay(_("Training failed: {error}").format(error=job.errorMessage()))
+    def onTrainingSucceeded(self, job) -> str:
+        """Select the new best checkpoint; returns the status text."""
+        if self._parameterNode:  # None when the scene was closed during training
+            self._parameterNode.modelPath = str(job.bestCheckpoint)
+        self.ui.segmentCollapsibleButton.collapsed = False
+        return _("Finished ({summary}); its best checkpoint is selected in the Segment section.").format(
+            summary=job.status.text())
 
     def _setTraining(self, running: bool) -> None:
         self._setRunning(running, (self.ui.trainingSourceComboBox, self.ui.trainingFolderLineEdit,

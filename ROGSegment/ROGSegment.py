@@ -22,9 +22,7 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 import ROGSegmentLib
 from DeepImagingCommonLib.pathbinding import PathFieldBinding
-
-TRAIN_FROM_FOLDER = "Folder on disk"
-TRAIN_FROM_SCENE = "Segmentations in this scene"
+from DeepImagingCommonWidgets.trainingsection import TRAIN_FROM_FOLDER, TRAIN_FROM_SCENE, TrainingSectionMixin
 
 
 #
@@ -109,7 +107,7 @@ class ROGSegmentParameterNode:
 #
 
 
-class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class ROGSegmentWidget(TrainingSectionMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Thin GUI: reads the parameter node, calls the Logic, shows progress and offers Cancel."""
 
     def __init__(self, parent=None) -> None:
@@ -386,70 +384,21 @@ class ROGSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.robustnessProgressBar.setFormat(f"{message} %p%" if message else "%p%")
         slicer.app.processEvents()
 
-    def onTrainButton(self) -> None:
-        """Start planning + training in the background, or cancel the running job."""
-        if self._trainingJob is not None:
-            self._trainingJob.cancel()
-            self.ui.trainButton.enabled = False
-            self.ui.trainingStatusLabel.text = _("Cancelling...")
-            return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
-            from DeepImagingCommonLib.dependencies import ensureModuleDependencies
+    trainingModuleName = "ROGSegment"
+    trainingLib = ROGSegmentLib
 
-            # The training process uses Slicer's Python, its torch and the module's packages.
-            ensureModuleDependencies("ROGSegment", askConfirmation=True)
-            parameters = self._parameterNode
-            options = dict(outputFolder=parameters.outputFolder, modality=parameters.modality,
-                           epochs=parameters.epochs, stepsPerEpoch=parameters.stepsPerEpoch,
-                           device=parameters.trainingDevice, progress=self._onExportProgress)
-            self.ui.trainingLogTextEdit.clear()
-            if parameters.trainingSource == TRAIN_FROM_SCENE:
-                pairs = ROGSegmentLib.pairsFromSegmentations(self.ui.trainingSegmentationsComboBox.checkedNodes())
-                self._trainingJob = self.logic.startTraining(pairs=pairs, **options)
-            else:
-                self._trainingJob = self.logic.startTraining(dataFolder=parameters.trainingFolder, **options)
-                self._trainingFolderBinding.remember()
-            self._outputFolderBinding.remember()
-            self._setTraining(True)
-            self._trainingTimer.start()
+    def trainingOptions(self, parameters) -> dict:
+        """Keyword arguments of the Logic's ``startTraining`` from the panel (see TrainingSectionMixin)."""
+        return dict(modality=parameters.modality, epochs=parameters.epochs, stepsPerEpoch=parameters.stepsPerEpoch,
+                    device=parameters.trainingDevice)
 
-    def _onExportProgress(self, fraction: float, message: str) -> None:
-        self.ui.trainingStatusLabel.text = message
-        slicer.app.processEvents()
-
-    def _onTrainingTimer(self) -> None:
-        """Drain the job's output on the GUI thread and show epoch, loss, Dice and ETA."""
-        job = self._trainingJob
-        if job is None:
-            self._trainingTimer.stop()
-            return
-        for line in job.poll():
-            self.ui.trainingLogTextEdit.appendPlainText(line)
-        self.ui.trainingProgressBar.value = int(round(100 * job.status.fraction))
-        self.ui.trainingStatusLabel.text = job.status.text()
-        if not job.running:
-            self._trainingTimer.stop()
-            self._trainingJob = None
-            self._setTraining(False)
-            self._reportTraining(job)
-
-    def _reportTraining(self, job) -> None:
-        """Offer the best checkpoint for segmentation, or say how the job ended."""
-        from DeepImagingCommonLib.process import ProcessState
-
-        if job.state == ProcessState.SUCCEEDED and job.bestCheckpoint is not None:
-            if self._parameterNode:
-                self._parameterNode.modelPath = str(job.bestCheckpoint)
-            self.ui.segmentCollapsibleButton.collapsed = False
-            self.ui.trainingStatusLabel.text = _("Finished ({summary}); its best checkpoint is selected in the "
-                                                 "Segment section.").format(summary=job.status.text())
-        elif job.state == ProcessState.CANCELLED:
-            resumable = (pathlib.Path(job.outputFolder) / "last.pt").is_file()
-            self.ui.trainingStatusLabel.text = _("Training cancelled.") + (
-                " " + _("Train again with the same output folder to resume from last.pt.") if resumable else "")
-        else:
-            self.ui.trainingStatusLabel.text = _("Training failed.")
-            slicer.util.errorDisplay(_("Training failed: {error}").format(error=job.errorMessage()))
+    def onTrainingSucceeded(self, job) -> str:
+        """Select the new best checkpoint; returns the status text."""
+        if self._parameterNode:  # None when the scene was closed during training
+            self._parameterNode.modelPath = str(job.bestCheckpoint)
+        self.ui.segmentCollapsibleButton.collapsed = False
+        return _("Finished ({summary}); its best checkpoint is selected in the Segment section.").format(
+            summary=job.status.text())
 
     def _setTraining(self, running: bool) -> None:
         self._setRunning(running, (self.ui.trainingSourceComboBox, self.ui.trainingFolderLineEdit,

@@ -32,7 +32,7 @@ import slicer
 from DeepImagingCommonLib import nodes
 from DeepImagingCommonLib.dependencies import installedTorchVersion, requireModuleDependencies
 from DeepImagingCommonLib.inputs import DEVICE_CHOICES, isPathSet, requireCheckpointPath, requireDevice  # noqa: F401
-from deepimaging.core.errors import CheckpointError, DeepImagingError, InputError
+from deepimaging.core.errors import DeepImagingError, InputError
 from deepimaging.core.progress import check_cancel, report, sub_progress
 
 from . import export, training

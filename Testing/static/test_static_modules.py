@@ -188,10 +188,15 @@ def _path_binding_problems(module_script):
     return problems
 
 
+TRAINING_SECTION = Path(__file__).resolve().parents[2] / "DeepImagingCommon" / "DeepImagingCommonWidgets" / "trainingsection.py"
+
+
 def _path_history_problems(module_script):
     """ctkPathLineEdits without a settingKey, a PathFieldBinding, or a remember() of it."""
     tree = ast.parse(module_script.read_text(), str(module_script))
     bindings, remembered, problems = _path_bindings(tree), _remembered(tree), []
+    if "TrainingSectionMixin" in module_script.read_text():  # its onTrainButton remembers the training paths
+        remembered |= _remembered(ast.parse(TRAINING_SECTION.read_text(), str(TRAINING_SECTION)))
     for ui_path in _loaded_ui_paths(module_script, tree):
         for name, widgetClass, properties in _path_widgets(ui_path):
             if widgetClass != "ctkPathLineEdit":
