@@ -1,7 +1,6 @@
-import logging
 from typing import Annotated, Optional
 
-import numpy as np
+import qt
 import vtk
 
 import slicer
@@ -11,13 +10,18 @@ from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
 from slicer.parameterNodeWrapper import (
     parameterNodeWrapper,
+    Choice,
     WithinRange,
 )
 
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 import LevelSetRefineLib
+from DeepImagingCommonLib.inputs import DEVICE_CHOICES, isPathSet
+from DeepImagingCommonLib.pathbinding import PathFieldBinding
+from DeepImagingCommonWidgets.trainingsection import TRAIN_FROM_FOLDER, TRAIN_FROM_SCENE, TrainingSectionMixin
 from DeepImagingCommonLib.segmentbinding import SegmentSelectorBinding
+
 
 
 #
@@ -36,14 +40,18 @@ class LevelSetRefine(ScriptedLoadableModule):
         self.parent.contributors = ["SlicerDeepImaging developers"]
         self.parent.helpText = _("""
 Refines a segment (from a model, a threshold or a hand drawing) so that its boundary follows
-the image: the segment initialises a Chan-Vese level set, which evolves on the input volume's
-intensities with a smoothness term. The result goes into a new segment "&lt;name&gt; (refined)"
-unless "Replace segment" is checked. The same refinement is available in the Segment Editor as
-the "Level set refine" effect, with undo.
-PyTorch is installed through the PyTorch extension on first use.
+the image. <b>classic</b>: the segment initialises a Chan-Vese level set, which evolves on the input
+volume's intensities with a smoothness term. <b>learned</b>: a trained deep Chan-Vese refiner
+(checkpoint; 2D for single-slice images, 3D for volumes) predicts the level set. The result goes into
+a new segment "&lt;name&gt; (refined)" unless "Replace segment" is checked. The same refinement is
+available in the Segment Editor as the "Level set refine" effect, with undo.
+<b>Segment in a box</b>: given only a markups ROI around an object, the learned refiner segments it
+from the image into a new segment. <b>Train a learned refiner</b>: from segmentations in the scene or
+a folder, in a background process. PyTorch is installed through the PyTorch extension on first use.
 """)
         self.parent.acknowledgementText = _("""
-Chan-Vese active contours without edges (Chan and Vese, IEEE TIP 2001), computed in PyTorch by
+Chan-Vese active contours without edges (Chan and Vese, IEEE TIP 2001) and a learned deep
+Chan-Vese refiner (after LevelSet R-CNN, Homayounfar et al., ECCV 2020), computed in PyTorch by
 the SlicerDeepImaging `deepimaging` library. Module layout from 3D Slicer's scripted-module template.
 """)
 
@@ -66,6 +74,18 @@ class LevelSetRefineParameterNode:
     lambda2 - Weight of the intensity fit outside.
     maxIterations - Upper limit of level-set steps.
     replaceSegment - Overwrite the segment instead of adding "<name> (refined)".
+    method - classic (Chan-Vese) or learned (a trained checkpoint).
+    checkpointPath - Learned refiner checkpoint ("" = none chosen); also used by "Segment in box".
+    device - auto, cpu or cuda for the learned refiner.
+    roiNode - The markups ROI (box) of "Segment in box".
+    trainingSource - Train from segmentations in the scene or from a folder on disk.
+    trainingFolder - Folder with images/, masks/ and optionally coarse/.
+    trainingDimension - 2D or 3D refiner.
+    epochs - Training epochs.
+    trainingDevice - auto, cpu or cuda for training.
+    outputFolder - Receives best.pt and last.pt.
+
+    Paths are str fields ("" = unset), synced with their path widgets by PathFieldBinding.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -76,6 +96,16 @@ class LevelSetRefineParameterNode:
     lambda2: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
     maxIterations: Annotated[int, WithinRange(1, 5000)] = LevelSetRefineLib.DEFAULT_ITERATIONS
     replaceSegment: bool = False
+    method: Annotated[str, Choice(list(LevelSetRefineLib.METHOD_CHOICES))] = LevelSetRefineLib.METHOD_CLASSIC
+    checkpointPath: str = ""
+    device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
+    roiNode: vtkMRMLMarkupsROINode
+    trainingSource: Annotated[str, Choice([TRAIN_FROM_SCENE, TRAIN_FROM_FOLDER])] = TRAIN_FROM_SCENE
+    trainingFolder: str = ""
+    trainingDimension: Annotated[str, Choice(["2D", "3D"])] = "2D"
+    epochs: Annotated[int, WithinRange(1, 100000)] = 30
+    trainingDevice: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
+    outputFolder: str = ""
 
 
 #
@@ -83,7 +113,7 @@ class LevelSetRefineParameterNode:
 #
 
 
-class LevelSetRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class LevelSetRefineWidget(TrainingSectionMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Thin GUI: reads the parameter node, calls the Logic, shows progress and offers Cancel."""
 
     def __init__(self, parent=None) -> None:
@@ -93,8 +123,11 @@ class LevelSetRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._cancelToken = None  # set while a refinement runs; the Apply button is then Cancel
+        self._cancelToken = None  # set while a refinement runs; its button is then Cancel
+        self._trainingJob = None  # set while training runs; Train is then Cancel
         self._segmentBinding = None  # keeps the segment selector and the parameter node in sync
+        self._pathBindings = ()
+        self._shownCheckpoint = None
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -116,8 +149,23 @@ class LevelSetRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._segmentBinding = SegmentSelectorBinding(self.ui.segmentSelector)
         self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentSelectionChanged)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentSelectionChanged)
+        # Path widgets are synced by hand: the parameter node wrapper would show empty paths as ".".
+        self._checkpointBinding = PathFieldBinding(self.ui.checkpointPathLineEdit, "checkpointPath")
+        self._trainingFolderBinding = PathFieldBinding(self.ui.trainingFolderLineEdit, "trainingFolder")
+        self._outputFolderBinding = PathFieldBinding(self.ui.outputFolderLineEdit, "outputFolder")
+        self._pathBindings = (self._checkpointBinding, self._trainingFolderBinding, self._outputFolderBinding)
+        for binding in self._pathBindings:
+            binding.widget.connect("currentPathChanged(QString)", self.onPathChanged)
+        # The checkable segmentation list has no parameter-node connector: it is read on Train.
+        self.ui.trainingSegmentationsComboBox.connect("checkedNodesChanged()", self._checkCanApply)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.segmentInBoxButton.connect("clicked(bool)", self.onSegmentInBoxButton)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.progressBar.hide()
+        self.ui.trainingProgressBar.hide()
+        self._trainingTimer = qt.QTimer()
+        self._trainingTimer.setInterval(500)
+        self._trainingTimer.connect("timeout()", self._onTrainingTimer)
 
         self.initializeParameterNode()
 
@@ -125,6 +173,10 @@ class LevelSetRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes and the module widget is destroyed."""
         if self._cancelToken is not None:
             self._cancelToken.cancel()
+        if self._trainingJob is not None:
+            self._trainingJob.cancel()  # never leave a training process behind Slicer
+            self._trainingJob.wait(timeout=10)
+        self._trainingTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -139,7 +191,7 @@ class LevelSetRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
-        """Called just before the scene is closed."""
+        """Called just before the scene is closed; training (files only) keeps running."""
         if self._cancelToken is not None:
             self._cancelToken.cancel()
         self.setParameterNode(None)
@@ -178,85 +230,206 @@ class LevelSetRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._segmentBinding.guiToNode(self._parameterNode):
             self._checkCanApply()
 
+    def onPathChanged(self, *args) -> None:
+        if any([binding.guiToNode(self._parameterNode) for binding in self._pathBindings]):
+            self._checkCanApply()
+
     def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._cancelToken is not None:
-            return  # while running the button is Cancel and stays enabled
+        if not self._parameterNode:
+            return
         self._segmentBinding.nodeToGui(self._parameterNode)
-        missing = self._missingInputs()
-        if missing:
-            self.ui.applyButton.toolTip = _("Select {missing}").format(missing=missing)
-            self.ui.applyButton.enabled = False
-        else:
-            self.ui.applyButton.toolTip = _("Refine the selected segment")
-            self.ui.applyButton.enabled = True
+        for binding in self._pathBindings:
+            binding.nodeToGui(self._parameterNode)
+        self._updateMethod()
+        self._updateTrainingSource()
+        if self._cancelToken is None:  # while running the button is Cancel and stays enabled
+            self._enable(self.ui.applyButton, self._missingInputs(), _("Refine the selected segment"))
+            self._enable(self.ui.segmentInBoxButton, self._missingBoxInputs(),
+                         _("Segment the object in the box into a new segment"))
+        if self._trainingJob is None:
+            self._enable(self.ui.trainButton, self._missingTrainingInputs(), _("Train in a background process"))
+
+    @staticmethod
+    def _enable(button, missing, toolTip) -> None:
+        button.enabled = not missing
+        button.toolTip = _("Select {missing}").format(missing=missing) if missing else toolTip
+
+    def _updateMethod(self) -> None:
+        """Show the classic parameters or the learned ones, and describe the chosen checkpoint."""
+        learned = self._parameterNode.method == LevelSetRefineLib.METHOD_LEARNED
+        for widget in (self.ui.checkpointLabel, self.ui.checkpointPathLineEdit, self.ui.checkpointInfoLabel,
+                       self.ui.deviceLabel, self.ui.deviceComboBox):
+            widget.visible = learned
+        for widget in (self.ui.muLabel, self.ui.muSpinBox, self.ui.lambda1Label, self.ui.lambda1SpinBox,
+                       self.ui.lambda2Label, self.ui.lambda2SpinBox, self.ui.iterationsLabel, self.ui.iterationsSpinBox):
+            widget.visible = not learned
+        if learned and self._parameterNode.checkpointPath != self._shownCheckpoint:
+            self._shownCheckpoint = self._parameterNode.checkpointPath
+            from DeepImagingCommonLib.dependencies import installedTorchVersion
+
+            # Describing a checkpoint loads it with torch: not before torch is installed.
+            if installedTorchVersion() is not None:
+                self.ui.checkpointInfoLabel.text = LevelSetRefineLib.describeRefiner(self._shownCheckpoint)
+
+    def _updateTrainingSource(self) -> None:
+        fromScene = self._parameterNode.trainingSource == TRAIN_FROM_SCENE
+        for widget in (self.ui.trainingSegmentationsLabel, self.ui.trainingSegmentationsComboBox,
+                       self.ui.trainingPairsLabel):
+            widget.visible = fromScene
+        self.ui.trainingFolderLabel.visible = self.ui.trainingFolderLineEdit.visible = not fromScene
+        checked = self.ui.trainingSegmentationsComboBox.checkedNodes()
+        self.ui.trainingPairsLabel.text = LevelSetRefineLib.describePairs(checked)
 
     def _missingInputs(self) -> str:
-        if not self._parameterNode:
-            return _("a scene")
-        missing = []
-        if not self._parameterNode.inputVolume:
+        parameters, missing = self._parameterNode, []
+        if not parameters.inputVolume:
             missing.append(_("an input volume"))
-        if not self._parameterNode.segmentationNode:
+        if not parameters.segmentationNode:
             missing.append(_("a segmentation"))
-        elif not self._parameterNode.segmentId:
+        elif not parameters.segmentId:
             missing.append(_("a segment"))
+        if parameters.method == LevelSetRefineLib.METHOD_LEARNED and not isPathSet(parameters.checkpointPath):
+            missing.append(_("a learned refiner checkpoint"))
+        return _(" and ").join(missing)
+
+    def _missingBoxInputs(self) -> str:
+        parameters, missing = self._parameterNode, []
+        if not parameters.inputVolume:
+            missing.append(_("an input volume"))
+        if not parameters.roiNode:
+            missing.append(_("a box (markups ROI)"))
+        if not isPathSet(parameters.checkpointPath):
+            missing.append(_("the learned method and its checkpoint"))
+        return _(" and ").join(missing)
+
+    def _missingTrainingInputs(self) -> str:
+        parameters, missing = self._parameterNode, []
+        if parameters.trainingSource == TRAIN_FROM_SCENE:
+            if not self.ui.trainingSegmentationsComboBox.checkedNodes():
+                missing.append(_("segmentations to train on"))
+        elif not isPathSet(parameters.trainingFolder):
+            missing.append(_("a training data folder"))
+        if not isPathSet(parameters.outputFolder):
+            missing.append(_("an output folder"))
         return _(" and ").join(missing)
 
     def onApplyButton(self) -> None:
         """Run the refinement, or cancel the one that is running."""
+        parameters = self._parameterNode
+        if parameters.method == LevelSetRefineLib.METHOD_LEARNED:
+            options = dict(method=parameters.method, checkpoint=parameters.checkpointPath, device=parameters.device)
+        else:
+            options = dict(mu=parameters.mu, lambda1=parameters.lambda1, lambda2=parameters.lambda2,
+                           max_iterations=parameters.maxIterations)
+        self._run(self.ui.applyButton, _("Failed to refine the segment."), lambda progress, cancel: self.logic.refine(
+            parameters.inputVolume, parameters.segmentationNode, parameters.segmentId,
+            replace=parameters.replaceSegment, progress=progress, cancel=cancel, **options), self._reportRefinement)
+
+    def onSegmentInBoxButton(self) -> None:
+        """Segment the object in the box with the learned refiner, or cancel."""
+        parameters = self._parameterNode
+        self._run(self.ui.segmentInBoxButton, _("Failed to segment in the box."),
+                  lambda progress, cancel: self.logic.segmentInBox(
+                      parameters.inputVolume, parameters.roiNode, parameters.checkpointPath,
+                      segmentationNode=parameters.segmentationNode, device=parameters.device, progress=progress,
+                      cancel=cancel), self._reportBox)
+
+    def _run(self, button, errorText, work, reportResult) -> None:
+        """Run ``work(progress, cancel)`` with the progress bar; ``button`` is Cancel meanwhile."""
         if self._cancelToken is not None:
             self._cancelToken.cancel()
-            self.ui.applyButton.enabled = False
+            button.enabled = False
             self.ui.statusLabel.text = _("Cancelling...")
             return
         # No wait cursor: the progress bar shows activity and the Cancel button must stay usable.
-        with slicer.util.tryWithErrorDisplay(_("Failed to refine the segment."), waitCursor=False):
+        with slicer.util.tryWithErrorDisplay(errorText, waitCursor=False):
             from DeepImagingCommonLib.dependencies import ensureModuleDependencies
+            from deepimaging.core.progress import CancelToken, Cancelled
 
             torch = ensureModuleDependencies("LevelSetRefine", askConfirmation=True)
-            self._runRefinement(torch)
+            self._cancelToken = CancelToken()
+            self._setRunning(button)
+            try:
+                result = work(self._onProgress, self._cancelToken)
+                if isPathSet(self._parameterNode.checkpointPath):
+                    self._checkpointBinding.remember()
+                reportResult(result, torch)
+            except Cancelled:
+                self.ui.statusLabel.text = _("Cancelled; the segmentation was not changed.")
+            finally:
+                self._cancelToken = None
+                self._setRunning(None)
 
-    def _runRefinement(self, torch) -> None:
-        from deepimaging.core.progress import CancelToken, Cancelled
+    def _reportRefinement(self, outputId, torch) -> None:
+        result, parameters = self.logic.lastResult, self._parameterNode
+        name = parameters.segmentationNode.GetSegmentation().GetSegment(outputId).GetName()
+        if parameters.method == LevelSetRefineLib.METHOD_LEARNED:
+            state = _("{steps} learned steps").format(steps=result.iterations)
+        else:
+            state = _("{iterations} iterations, {state}").format(
+                iterations=result.iterations, state=_("converged") if result.converged else _("stopped at the limit"))
+        self.ui.statusLabel.text = _("'{name}': {state} (PyTorch {version}).").format(
+            name=name, state=state, version=torch.__version__)
 
-        parameters = self._parameterNode
-        self._cancelToken = CancelToken()
-        self._setRunning(True)
-        try:
-            outputId = self.logic.refine(
-                parameters.inputVolume, parameters.segmentationNode, parameters.segmentId,
-                replace=parameters.replaceSegment, progress=self._onProgress, cancel=self._cancelToken,
-                mu=parameters.mu, lambda1=parameters.lambda1, lambda2=parameters.lambda2,
-                max_iterations=parameters.maxIterations)
-            result = self.logic.lastResult
-            name = parameters.segmentationNode.GetSegmentation().GetSegment(outputId).GetName()
-            state = _("converged") if result.converged else _("stopped at the iteration limit")
-            self.ui.statusLabel.text = _("'{name}': {iterations} iterations, {state} (PyTorch {version}).").format(
-                name=name, iterations=result.iterations, state=state, version=torch.__version__)
-        except Cancelled:
-            self.ui.statusLabel.text = _("Cancelled; the segmentation was not changed.")
-        finally:
-            self._cancelToken = None
-            self._setRunning(False)
+    def _reportBox(self, segmentId, torch) -> None:
+        segmentationNode = self.logic.lastSegmentationNode
+        if not self._parameterNode.segmentationNode:
+            self._parameterNode.segmentationNode = segmentationNode
+        name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        self.ui.statusLabel.text = _("Added segment '{name}' to '{node}' (PyTorch {version}).").format(
+            name=name, node=segmentationNode.GetName(), version=torch.__version__)
 
-    def _setRunning(self, running: bool) -> None:
+    def _setRunning(self, button) -> None:
+        """``button`` (Apply or Segment in box) becomes Cancel; None restores both."""
+        running = button is not None
         for section in (self.ui.inputsCollapsibleButton, self.ui.parametersCollapsibleButton,
                         self.ui.outputsCollapsibleButton):
             section.enabled = not running
-        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        self.ui.applyButton.enabled = True
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.visible = running
+        self.ui.roiSelector.enabled = not running
         if running:
+            button.text = _("Cancel")
+            button.enabled = True
+            other = self.ui.segmentInBoxButton if button is self.ui.applyButton else self.ui.applyButton
+            other.enabled = False
             self.ui.statusLabel.text = ""
         else:
+            self.ui.applyButton.text = _("Apply")
+            self.ui.segmentInBoxButton.text = _("Segment in box")
             self._checkCanApply()
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.visible = running
 
     def _onProgress(self, fraction: float, message: str) -> None:
         """Progress callback of the Logic; keeps the GUI (and the Cancel button) responsive."""
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.progressBar.setFormat(f"{message} %p%" if message else "%p%")
         slicer.app.processEvents()
+
+    trainingModuleName = "LevelSetRefine"
+    trainingLib = LevelSetRefineLib
+
+    def trainingOptions(self, parameters) -> dict:
+        """Keyword arguments of the Logic's ``startTraining`` from the panel (see TrainingSectionMixin)."""
+        return dict(dim=parameters.trainingDimension, epochs=parameters.epochs, device=parameters.trainingDevice)
+
+    def onTrainingSucceeded(self, job) -> str:
+        """Select the new best checkpoint; returns the status text."""
+        if self._parameterNode:  # None when the scene was closed during training
+            self._parameterNode.checkpointPath = str(job.bestCheckpoint)
+            self._parameterNode.method = LevelSetRefineLib.METHOD_LEARNED
+        return _("Finished ({summary}); the learned method now uses it.").format(summary=job.status.text())
+
+    def _setTraining(self, running: bool) -> None:
+        for widget in (self.ui.trainingSourceComboBox, self.ui.trainingFolderLineEdit,
+                       self.ui.trainingSegmentationsComboBox, self.ui.trainingDimensionComboBox,
+                       self.ui.epochsSpinBox, self.ui.trainingDeviceComboBox, self.ui.outputFolderLineEdit):
+            widget.enabled = not running
+        self.ui.trainButton.text = _("Cancel training") if running else _("Train")
+        self.ui.trainButton.enabled = True
+        self.ui.trainingProgressBar.value = 0
+        self.ui.trainingProgressBar.visible = running
+        if not running:
+            self._checkCanApply()
 
 
 #
@@ -285,7 +458,7 @@ class LevelSetRefineLogic(ScriptedLoadableModuleLogic, LevelSetRefineLib.LevelSe
 
 
 class LevelSetRefineTest(ScriptedLoadableModuleTest):
-    """Runs the module Logic on generated data: a noisy ball and a rough box inside it."""
+    """Runs the module Logic on generated data (checks in LevelSetRefineLib/selftest.py)."""
 
     def setUp(self):
         """Do whatever is needed to reset the state - typically a scene clear will be enough."""
@@ -297,63 +470,17 @@ class LevelSetRefineTest(ScriptedLoadableModuleTest):
         self.test_LevelSetRefineImprovesDice()
         self.setUp()
         self.test_LevelSetRefineBadInput()
-
-    def _makeCase(self):
-        """Noisy ball (truth) on anisotropic voxels and a segmentation with a rough box inside it."""
-        rng = np.random.default_rng(0)
-        shape = (24, 48, 48)  # (z, y, x)
-        spacing = np.array([0.8, 0.8, 1.6])  # (x, y, z) mm
-        z, y, x = np.indices(shape)
-        centre = np.array(shape) / 2.0
-        distance = np.sqrt(((x - centre[2]) * spacing[0]) ** 2 + ((y - centre[1]) * spacing[1]) ** 2
-                           + ((z - centre[0]) * spacing[2]) ** 2)
-        truth = distance < 13.0
-        array = np.where(truth, 100.0, 20.0) + rng.normal(0.0, 20.0, shape)
-        volumeNode = slicer.util.addVolumeFromArray(
-            array.astype(np.float32), np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]), "LevelSetRefineTestVolume")
-        rough = np.zeros(shape, np.uint8)
-        rough[8:16, 16:32, 14:28] = 1  # a box off-centre, well inside the ball
-        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LevelSetRefineTestSegments")
-        segmentationNode.CreateDefaultDisplayNodes()
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", "Ball", [0.9, 0.3, 0.2])
-        slicer.util.updateSegmentBinaryLabelmapFromArray(rough, segmentationNode, segmentId, volumeNode)
-        return volumeNode, segmentationNode, segmentId, truth, rough.astype(bool)
-
-    @staticmethod
-    def _dice(a, b):
-        return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+        self.setUp()
+        self.test_LevelSetRefineLearnedAndBox()
 
     def test_LevelSetRefineImprovesDice(self):
-        from DeepImagingCommonLib.dependencies import ensureModuleDependencies
-
-        self.delayDisplay("Starting the test")
-        ensureModuleDependencies("LevelSetRefine", askConfirmation=False)
-        volumeNode, segmentationNode, segmentId, truth, rough = self._makeCase()
-
-        logic = LevelSetRefineLogic()
-        outputId = logic.refine(volumeNode, segmentationNode, segmentId)
-        self.assertNotEqual(outputId, segmentId)
-        self.assertEqual(segmentationNode.GetSegmentation().GetSegment(outputId).GetName(), "Ball (refined)")
-        refined = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, outputId, volumeNode) > 0
-        original = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode) > 0
-        np.testing.assert_array_equal(original, rough)
-        before, after = self._dice(rough, truth), self._dice(refined, truth)
-        logging.info(f"Dice before {before:.3f}, after {after:.3f}")
-        self.assertGreater(after, before + 0.2)
-        self.assertGreater(after, 0.85)
-        self.delayDisplay("Test passed")
+        from LevelSetRefineLib.selftest import checkImprovesDice
+        checkImprovesDice(self, LevelSetRefineLogic)
 
     def test_LevelSetRefineBadInput(self):
-        from deepimaging.core.errors import InputError
+        from LevelSetRefineLib.selftest import checkBadInput
+        checkBadInput(self, LevelSetRefineLogic)
 
-        self.delayDisplay("Bad input gives clear errors and adds no segment")
-        volumeNode, segmentationNode, segmentId, truth, rough = self._makeCase()
-        emptyId = segmentationNode.GetSegmentation().AddEmptySegment("", "Empty")
-        logic = LevelSetRefineLogic()
-        with self.assertRaisesRegex(InputError, "empty"):
-            logic.refine(volumeNode, segmentationNode, emptyId)
-        with self.assertRaisesRegex(InputError, "no segment with ID"):
-            logic.refine(volumeNode, segmentationNode, "NoSuchSegment")
-        self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 2)
-        self.delayDisplay("Test passed")
+    def test_LevelSetRefineLearnedAndBox(self):
+        from LevelSetRefineLib.selftest import checkLearnedAndBox
+        checkLearnedAndBox(self, LevelSetRefineLogic)

@@ -18,11 +18,14 @@ import logging
 from DeepImagingCommonLib.dependencies import DependencyError
 from deepimaging.core.errors import DeepImagingError
 
+from .learned import METHOD_CLASSIC, METHOD_LEARNED, requireMethod
 from .logic import refineOrientedLabelmap
 
 # Parameter names of the effect (stored in the segment editor node).
 MU_PARAMETER = "Mu"
 MAX_ITERATIONS_PARAMETER = "MaxIterations"
+METHOD_PARAMETER = "Method"  # "classic" (Chan-Vese) or "learned" (a trained checkpoint)
+CHECKPOINT_PARAMETER = "Checkpoint"  # path of the learned refiner's checkpoint
 
 EFFECT_TITLE = "Level set refine"
 
@@ -72,13 +75,26 @@ def describeEffectError(error):
     return f"{EFFECT_TITLE} failed: {type(error).__name__}: {error}"
 
 
+def effectParameters(effect):
+    """The keyword arguments of :func:`refineOrientedLabelmap` from the effect's parameters.
+
+    An unset method (an editor node saved before the learned method existed) is classic.
+    """
+    method = requireMethod(effect.parameter(METHOD_PARAMETER))
+    if method == METHOD_LEARNED:
+        return {"method": METHOD_LEARNED, "checkpoint": effect.parameter(CHECKPOINT_PARAMETER)}
+    return {"method": METHOD_CLASSIC, "mu": effect.doubleParameter(MU_PARAMETER),
+            "max_iterations": effect.integerParameter(MAX_ITERATIONS_PARAMETER)}
+
+
 def applyRefinementEffect(effect, ensureDependencies, reportError, modificationMode, busy=None):
     """Refine the selected segment in place, as the effect's Apply button does; return whether it changed.
 
     :param effect: the scripted effect, or anything offering its methods used here:
-        ``sourceVolumeImageData()``, ``selectedSegmentLabelmap()``, ``doubleParameter(name)``,
-        ``integerParameter(name)``, ``saveStateForUndo()``, ``defaultModifierLabelmap()`` and
-        ``modifySelectedSegmentByLabelmap(labelmap, mode)``.
+        ``sourceVolumeImageData()``, ``selectedSegmentLabelmap()``, ``parameter(name)``,
+        ``doubleParameter(name)``, ``integerParameter(name)``, ``saveStateForUndo()``,
+        ``defaultModifierLabelmap()`` and ``modifySelectedSegmentByLabelmap(labelmap, mode)``.
+        Its "Method" parameter chooses classic (Mu, MaxIterations) or learned (Checkpoint).
     :param ensureDependencies: called first, with no arguments; installs or checks torch and
         the module's packages (in Slicer ``ensureModuleDependencies("LevelSetRefine",
         askConfirmation=True)``) and raises ``DependencyError`` when they are missing or the
@@ -103,10 +119,7 @@ def applyRefinementEffect(effect, ensureDependencies, reportError, modificationM
         ensureDependencies()
         with busy():
             refined = refineOrientedLabelmap(
-                effect.sourceVolumeImageData(),
-                effect.selectedSegmentLabelmap(),
-                mu=effect.doubleParameter(MU_PARAMETER),
-                max_iterations=effect.integerParameter(MAX_ITERATIONS_PARAMETER))
+                effect.sourceVolumeImageData(), effect.selectedSegmentLabelmap(), **effectParameters(effect))
             # Only now can the segment change: Undo returns to this state.
             effect.saveStateForUndo()
             modifierLabelmap = effect.defaultModifierLabelmap()

@@ -11,6 +11,7 @@ modifier labelmap -> ModificationModeSet; then they check masking, Undo and ever
 """
 
 import logging
+import types
 
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ import slicer
 from DeepImagingCommonLib import nodes
 from DeepImagingCommonLib.dependencies import DependencyError
 from deepimaging.core.errors import InputError
-from LevelSetRefineLib import (DEFAULT_ITERATIONS, DEFAULT_MU, MAX_ITERATIONS_PARAMETER, MU_PARAMETER,
-                               applyRefinementEffect, describeEffectError, isOutOfMemoryError)
+from LevelSetRefineLib import (CHECKPOINT_PARAMETER, DEFAULT_ITERATIONS, DEFAULT_MU, MAX_ITERATIONS_PARAMETER,
+                               METHOD_PARAMETER, MU_PARAMETER, applyRefinementEffect, describeEffectError,
+                               effectParameters, isOutOfMemoryError)
 from LevelSetRefineLib import effect as effect_module
 
 
@@ -34,7 +36,8 @@ class EffectOnLogic:
     def __init__(self, logic):
         self.logic = logic
         self.undoStatesSaved = 0
-        self.parameters = {MU_PARAMETER: DEFAULT_MU, MAX_ITERATIONS_PARAMETER: DEFAULT_ITERATIONS}
+        self.parameters = {METHOD_PARAMETER: "classic", CHECKPOINT_PARAMETER: "", MU_PARAMETER: DEFAULT_MU,
+                           MAX_ITERATIONS_PARAMETER: DEFAULT_ITERATIONS}
 
     def sourceVolumeImageData(self):
         self.logic.UpdateAlignedSourceVolume()
@@ -57,6 +60,9 @@ class EffectOnLogic:
         segmentId = self.logic.GetCurrentSegmentID()
         # qSlicerSegmentEditorAbstractEffect::modifySegmentByLabelmap: masking applies (not bypassed).
         self.logic.ModifySegmentByLabelmap(segmentationNode, segmentId, labelmap, mode, True, False)
+
+    def parameter(self, name):
+        return str(self.parameters.get(name, ""))  # as the editor node: "" for a parameter never set
 
     def doubleParameter(self, name):
         return float(self.parameters[name])
@@ -93,9 +99,10 @@ def editor(headless_slicer, case_nodes):
     return logic, editor_node
 
 
-def apply_effect(logic, ensureDependencies=no_dependencies_needed, busy=None):
+def apply_effect(logic, ensureDependencies=no_dependencies_needed, busy=None, **parameters):
     """What SegmentEditorEffect.onApply runs after confirmCurrentSegmentVisible."""
     effect, reporter = EffectOnLogic(logic), Reporter()
+    effect.parameters.update(parameters)
     changed = applyRefinementEffect(effect, ensureDependencies, reporter, logic.ModificationModeSet, busy=busy)
     return changed, effect, reporter
 
@@ -248,3 +255,87 @@ def test_error_messages_by_kind():
     missing = describeEffectError(ModuleNotFoundError("No module named 'torch'"))
     assert "could not be imported" in missing and "No module named 'torch'" in missing
     assert describeEffectError(KeyError("Mu")) == "Level set refine failed: KeyError: 'Mu'"
+
+
+# -- the learned method ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def learned_case(tmp_path_factory):
+    """A tiny 2D learned refiner (seconds on one CPU thread) and an unseen single-slice case."""
+    from deepimaging.core.imageio import read_image
+    from deepimaging.levelset.deep import train_refiner, write_synthetic_refine_dataset
+
+    root = tmp_path_factory.mktemp("effect-refiner")
+    data = write_synthetic_refine_dataset(root / "data", n=8, dim=2, seed=0)
+    checkpoint = train_refiner(data, root / "run", dim=2, epochs=4, device="cpu", steps_per_epoch=6, batch_size=4,
+                               val_items=4, grid=32, widths=(8, 16), features=8)
+    test = write_synthetic_refine_dataset(root / "test", n=2, dim=2, seed=500)
+    name = sorted((test / "images").iterdir())[1].name
+    image = read_image(test / "images" / name)
+    truth = read_image(test / "masks" / name).array > 0
+    coarse = read_image(test / "coarse" / name).array > 0
+    return checkpoint, image, truth, coarse
+
+
+@pytest.fixture
+def slice_editor(headless_slicer, learned_case):
+    """The editor logic on a single-slice volume whose segment "Object" is a rough outline."""
+    _, image, truth, coarse = learned_case
+    volume = nodes.volumeNodeFromImage(image, "Slice")
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Slice segmentation")
+    segmentation.CreateDefaultDisplayNodes()
+    segment_id = nodes.writeMaskToSegment(coarse, segmentation, volume, name="Object")
+    editor_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(slicer.mrmlScene)
+    logic.SetMRMLApplicationLogic(headless_slicer.app_logic)
+    logic.SetSegmentEditorNode(editor_node)
+    logic.SetSegmentationNode(segmentation)
+    logic.SetSourceVolumeNode(volume)
+    logic.SetCurrentSegmentID(segment_id)
+    assert not logic.CanUndo()
+    return logic, types.SimpleNamespace(volume=volume, segmentation=segmentation, segment_id=segment_id,
+                                        truth=truth, rough=coarse)
+
+
+def test_learned_effect_refines_in_place_and_undo_restores(slice_editor, learned_case):
+    logic, case = slice_editor
+    checkpoint = str(learned_case[0])
+    changed, effect, reporter = apply_effect(logic, Method="learned", Checkpoint=checkpoint)
+    assert changed and reporter.messages == []
+    assert effect.undoStatesSaved == 1
+    assert case.segmentation.GetSegmentation().GetNumberOfSegments() == 1
+    refined = nodes.segmentMask(case.segmentation, case.segment_id, case.volume)
+    assert dice(refined, case.truth) > dice(case.rough, case.truth) + 0.1 and dice(refined, case.truth) > 0.8
+    logic.Undo()
+    np.testing.assert_array_equal(nodes.segmentMask(case.segmentation, case.segment_id, case.volume), case.rough)
+    assert not logic.CanUndo()  # exactly one undo state
+
+
+def test_effect_parameters_by_method(tmp_path):
+    effect = EffectOnLogic(None)
+    assert effectParameters(effect) == {"method": "classic", "mu": DEFAULT_MU, "max_iterations": DEFAULT_ITERATIONS}
+    del effect.parameters[METHOD_PARAMETER]  # an editor node saved before the method existed
+    assert effectParameters(effect)["method"] == "classic"
+    effect.parameters.update({METHOD_PARAMETER: "learned", CHECKPOINT_PARAMETER: str(tmp_path / "best.pt")})
+    assert effectParameters(effect) == {"method": "learned", "checkpoint": str(tmp_path / "best.pt")}
+
+
+@pytest.mark.parametrize("bad", ["no checkpoint", "missing file", "truncated file", "3D image"])
+def test_a_bad_checkpoint_is_reported_without_an_undo_state(request, learned_case, tmp_path, bad):
+    checkpoint = learned_case[0]
+    if bad == "3D image":  # the 2D refiner on the 3D ball of the classic tests
+        logic, _ = request.getfixturevalue("editor")
+        case = request.getfixturevalue("case_nodes")
+    else:
+        logic, case = request.getfixturevalue("slice_editor")
+    path = {"no checkpoint": "", "missing file": str(tmp_path / "none.pt"), "3D image": str(checkpoint)}.get(bad)
+    if bad == "truncated file":
+        path = tmp_path / "truncated.pt"
+        path.write_bytes(checkpoint.read_bytes()[:300])
+    changed, effect, reporter = apply_effect(logic, Method="learned", Checkpoint=str(path))
+    assert not changed and len(reporter.messages) == 1
+    expected = {"no checkpoint": "no model selected", "missing file": "checkpoint not found",
+                "truncated file": "truncated.pt", "3D image": "this model is 2D but the image is a 3D volume"}[bad]
+    assert reporter.messages[0].startswith("Level set refine: ") and expected in reporter.messages[0], \
+        reporter.messages
+    assert_unchanged_without_undo(logic, effect, case)

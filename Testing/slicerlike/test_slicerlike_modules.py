@@ -32,6 +32,47 @@ dice = lambda a, b: 2 * (a & b).sum() / (a.sum() + b.sum())
 print("DICE", round(dice(rough, truth), 3), round(dice(refined, truth), 3))
 """
 
+LEVELSET_REFINE_LEARNED = """
+from pathlib import Path
+import numpy as np
+import slicer
+from DeepImagingCommonLib import nodes, process
+from deepimaging.core.image import Image
+from LevelSetRefineLib import LevelSetRefineLogic
+
+folder = Path({folder!r})
+rng = np.random.default_rng(0)
+logic = LevelSetRefineLogic()
+pairs = []
+for index in range(3):
+    y, x = np.indices((48, 48))
+    truth = ((x - 24 - 3 * index) ** 2 + (y - 22) ** 2 < 100 + 30 * index)[np.newaxis]
+    array = np.where(truth, 100.0, 20.0) + rng.normal(0.0, 15.0, truth.shape)
+    volume = nodes.volumeNodeFromImage(Image(array.astype(np.float32), (0.5, 0.5, 1.0)), f"Slice {{index}}")
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    truthId = nodes.writeMaskToSegment(truth, segmentation, volume, name="object")
+    rough = np.zeros_like(truth)
+    rough[0, 16:28, 18:30] = True
+    roughId = nodes.writeMaskToSegment(rough, segmentation, volume, name="rough")
+    pairs.append((volume, segmentation, truthId, roughId))
+job = logic.startTraining(folder / "run", pairs=pairs, dim=2, epochs=1, device="cpu",
+                          extraArguments=["--grid", "32", "--widths", "8", "16", "--features", "8",
+                                          "--steps-per-epoch", "2", "--batch-size", "2"])
+log = job.wait(timeout=300)
+assert job.state == process.ProcessState.SUCCEEDED, job.errorMessage() + "\\n".join(log)
+volume, segmentation, truthId, roughId = pairs[0]
+refinedId = logic.refine(volume, segmentation, roughId, method="learned", checkpoint=job.bestCheckpoint, device="cpu")
+roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+roi.SetCenter(-12.0, -11.0, 0.0)
+roi.SetSize(12.0, 12.0, 1.0)
+try:
+    boxId = logic.segmentInBox(volume, roi, job.bestCheckpoint, device="cpu")
+    box = "found" if nodes.segmentMask(logic.lastSegmentationNode, boxId, volume).any() else "empty"
+except Exception as error:  # an untrained 1-epoch model may find nothing: that is its message, not a crash
+    box = type(error).__name__
+print("LEARNED", nodes.segmentMask(segmentation, refinedId, volume).shape, "BOX", box)
+"""
+
 ROG_SEGMENT = """
 import numpy as np
 from DeepImagingCommonLib import nodes
@@ -160,6 +201,15 @@ def test_levelset_refine(slicer_python):
     out = slicer_python.check(run(slicer_python, "LevelSetRefine", LEVELSET_REFINE))
     before, after = (float(v) for v in out.split("DICE")[1].split())
     assert after > before + 0.2 and after > 0.85, out
+
+
+def test_levelset_refine_learned_training_child_refine_and_box(slicer_python, tmp_path):
+    """Scene pairs -> ``deepimaging levelset train`` child -> learned refinement and segment in a box,
+    with Slicer's packages and torch only (LevelSetRefine has no on-demand packages)."""
+    out = slicer_python.check(run(slicer_python, "LevelSetRefine", LEVELSET_REFINE_LEARNED.format(folder=str(tmp_path)),
+                                  timeout=400))
+    assert "LEARNED (1, 48, 48) BOX" in out, out
+    assert out.split("BOX")[1].split()[0] in ("found", "empty", "DeepImagingError"), out
 
 
 def test_rog_segment(slicer_python, tmp_path):
