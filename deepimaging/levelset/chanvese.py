@@ -22,13 +22,19 @@ min(spacing)), so ``mu`` keeps skimage's pixel units while anisotropic voxels ar
 Why our own code: skimage is 2D, single-channel and NumPy-only; SimpleITK's filter has no
 vector input, no per-iteration cancel and no GPU; the deep (learned) version needs the very
 same update as differentiable torch ops.
+
+On the CPU, :func:`chan_vese` runs the same step as one fused pass per iteration through the
+optional numba kernel of :mod:`.chanvese_numba` when numba is installed (``backend=``); the
+torch code here stays the reference it is tested against.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass, asdict
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 
 from ..core.device import DeviceLike, select_device
 from ..core.errors import InputError
+from ..core.optional import is_available
 from ..core.progress import CancelToken, ProgressCallback, check_cancel, report
 
 _ETA = 1e-16  # keeps the curvature weights finite where phi is flat (same as Getreuer/skimage)
@@ -294,12 +301,16 @@ def normalize_channels(image: torch.Tensor, ndim: int) -> torch.Tensor:
 def chan_vese(image: Union[np.ndarray, torch.Tensor], phi0: Union[np.ndarray, torch.Tensor],
               params: Optional[ChanVeseParams] = None, *, spacing: Optional[Sequence[float]] = None,
               device: DeviceLike = None, progress: Optional[ProgressCallback] = None,
-              cancel: Optional[CancelToken] = None) -> ChanVeseResult:
+              cancel: Optional[CancelToken] = None, backend: str = "auto") -> ChanVeseResult:
     """Evolve ``phi0`` on ``image`` with the classic Chan-Vese model.
 
     ``phi0`` has the spatial shape (2D or 3D); ``image`` has the same shape, or one more
     leading axis of channels (vector-valued Chan-Vese).  ``spacing`` is per array axis
     (e.g. (z, y, x) mm) and is used relatively.  Returns phi on the chosen device.
+    ``backend``: ``"torch"`` (the reference, any device), ``"numba"`` (fused CPU kernel of
+    :mod:`.chanvese_numba`, needs the optional package numba) or ``"auto"``: numba on the CPU
+    when it is installed, else torch; the environment variable ``DEEPIMAGING_CHANVESE_BACKEND``
+    overrides ``"auto"``.
     """
     params = params or ChanVeseParams()
     params.validate()
@@ -323,6 +334,9 @@ def chan_vese(image: Union[np.ndarray, torch.Tensor], phi0: Union[np.ndarray, to
     img = img.unsqueeze(0)
     if params.normalize:
         img = normalize_channels(img, ndim)
+    evolve = _numba_evolve(strict=backend != "auto") if _resolve_backend(backend, dev) == "numba" else None
+    if evolve is not None:
+        return _chan_vese_numba(evolve, img[0], phi, params, rel, progress, cancel)
     phi = phi.unsqueeze(0)
     check_every = 1 if dev.type == "cpu" else 10
     step = _FastClassicStep(img, params, rel)
@@ -348,6 +362,54 @@ def chan_vese(image: Union[np.ndarray, torch.Tensor], phi0: Union[np.ndarray, to
             torch.set_flush_denormal(False)
     report(progress, 1.0, f"done after {it} iterations")
     return ChanVeseResult(phi[0], it, converged)
+
+
+_BACKENDS = ("auto", "torch", "numba")
+
+
+def _resolve_backend(backend: str, dev: torch.device) -> str:
+    """``"torch"`` or ``"numba"`` for a :func:`chan_vese` call (see its docstring)."""
+    if backend == "auto":
+        backend = os.environ.get("DEEPIMAGING_CHANVESE_BACKEND", "auto").strip().lower() or "auto"
+    if backend not in _BACKENDS:
+        raise InputError(f"unknown Chan-Vese backend {backend!r}: use one of {', '.join(_BACKENDS)}")
+    if backend == "auto":
+        return "numba" if dev.type == "cpu" and is_available("numba") else "torch"
+    if backend == "numba" and dev.type != "cpu":
+        raise InputError(f"the numba Chan-Vese backend runs on the CPU only, not on {dev}")
+    return backend
+
+
+def _numba_evolve(strict: bool) -> Optional[Callable]:
+    """``chanvese_numba.evolve``; if numba fails to import: the error when ``strict``, else a warning and None."""
+    try:
+        from .chanvese_numba import evolve  # optional dependency, imported only here
+    except ImportError as error:  # e.g. a numba built for another numpy
+        if strict:
+            raise
+        warnings.warn(f"numba is installed but unusable ({error}); Chan-Vese runs on the torch path")
+        return None
+    return evolve
+
+
+def _chan_vese_numba(evolve: Callable, img: torch.Tensor, phi: torch.Tensor, params: ChanVeseParams,
+                     rel: Sequence[float], progress: Optional[ProgressCallback],
+                     cancel: Optional[CancelToken]) -> ChanVeseResult:
+    """The CPU loop of :func:`chan_vese` on the fused numba kernel (same stopping rule and reports)."""
+
+    def on_iteration(it: int, change: float) -> bool:
+        report(progress, it / params.max_iterations, f"iteration {it}, change {change:.2e}")
+        if change <= params.tolerance:
+            return True
+        if it < params.max_iterations:  # checked before each step, as in the torch loop
+            check_cancel(cancel)
+        return False
+
+    check_cancel(cancel)
+    out, it, converged = evolve(img.detach().numpy(), phi.detach().numpy(), params, rel, on_iteration,
+                                threads=torch.get_num_threads())
+    report(progress, 1.0, f"done after {it} iterations")
+    return ChanVeseResult(torch.from_numpy(out), it, converged)
 
 
 def default_level_set(shape: Sequence[int], kind: str = "checkerboard", square: int = 5) -> np.ndarray:
