@@ -2,7 +2,10 @@
 
 from .logic import (
     ARCHITECTURES,
+    CALIBRATION_MODES,
     DEVICES,
+    METHODS,
+    WINDINGS,
     OUTPUT_MAPS,
     NIRSTReconLogic,
     ReconstructionResult,
@@ -13,5 +16,5 @@ from .logic import (
     trainingProgress,
 )
 
-__all__ = ["ARCHITECTURES", "DEVICES", "OUTPUT_MAPS", "NIRSTReconLogic", "ReconstructionResult", "SimulatedPhantom",
+__all__ = ["ARCHITECTURES", "CALIBRATION_MODES", "DEVICES", "METHODS", "WINDINGS", "OUTPUT_MAPS", "NIRSTReconLogic", "ReconstructionResult", "SimulatedPhantom",
            "deviceArgument", "optionalPath", "sliceImage", "trainingProgress"]

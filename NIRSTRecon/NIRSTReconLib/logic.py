@@ -40,6 +40,9 @@ PHANTOM_SEGMENTATION_NAME = "NIRST phantom inclusion"
 INCLUSION_SEGMENT_NAME = "Inclusion"
 DEVICES = ("auto", "cpu", "cuda")
 ARCHITECTURES = ("znet", "ynet")
+METHODS = ("znet", "dri")
+CALIBRATION_MODES = ("none", "reference", "background")
+WINDINGS = ("ccw", "cw")
 _EPOCH_PATTERN = re.compile(r"\bepoch\s+(\d+)\s*/\s*(\d+)", re.IGNORECASE)
 _PERCENT_PATTERN = re.compile(r"(\d{1,3})%\|")  # a tqdm bar: " 42%|####      | ..."
 
@@ -47,11 +50,14 @@ _PERCENT_PATTERN = re.compile(r"(\d{1,3})%\|")  # a tqdm bar: " 42%|####      | 
 @dataclasses.dataclass
 class ReconstructionResult:
     """What :meth:`NIRSTReconLogic.reconstruct` made: volume nodes by map key, the slice used,
-    and the HbT contrast inside the chosen segment (None when no segment was given)."""
+    the HbT contrast inside the chosen segment (None when no segment was given), the method and
+    notes for the user (optode ring, calibration, channel mapping, scale warnings)."""
 
     volumes: dict
     sliceIndex: int
     hbtContrast: float = None
+    method: str = "znet"
+    notes: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -149,20 +155,34 @@ class NIRSTReconLogic:
         return np.asarray(measurements, dtype=float)
 
     def reconstruct(self, measurements, mriVolumeNode, sliceIndex=None, checkpoint=None, device=None,
-                    segmentationNode=None, segmentId=None):
+                    segmentationNode=None, segmentId=None, method="znet", calibration=None, geometry=None,
+                    diskCentreRAS=None, driElementSize=2.5, driIterations=6, progress=None, cancel=None):
         """Reconstruct the maps and add them as new volume nodes; return a :class:`ReconstructionResult`.
 
-        :param measurements: measurement file path or array of the 2160 boundary amplitudes.
+        :param measurements: measurement file path or array of the boundary amplitudes (2160 for
+            16 optodes, 504 for 8).
         :param mriVolumeNode: scalar volume, a single slice or a 3D volume (then ``sliceIndex``
             picks the slice, middle by default; outputs are single-slice volumes at its position).
         :param checkpoint: Z-Net/Y-Net checkpoint file; None or empty = the shipped Z-Net.
         :param device: ``"auto"``/None, ``"cpu"`` or ``"cuda"``.
         :param segmentationNode, segmentId: optional segment for the HbT contrast.
-        :raises InputError, CheckpointError: bad measurements, MRI, segment or checkpoint; no
-            node is added then.
+        :param method: ``"znet"`` (the network) or ``"dri"`` (model-based, seconds).
+        :param calibration: None or a ``deepimaging.nirst.calibration.Calibration`` (see :meth:`calibration`).
+        :param geometry: None (the network's ring for Z-Net, the default ring for DRI) or a dict with
+            ``diameter_mm``, ``angle_offset_deg``, ``winding`` (the optode count comes from the data).
+        :param diskCentreRAS: disk centre in the volume's RAS coordinates; None = the slice centre.
+        :param progress, cancel: ``progress(fraction, message)`` and a ``CancelToken`` (DRI checks it
+            every iteration and raises ``Cancelled``).
+        :raises InputError, CheckpointError: bad measurements, MRI, segment, calibration or
+            checkpoint; no node is added then.
         """
-        from deepimaging.nirst.recon import hbt_contrast, reconstruct_image
+        import warnings
 
+        from deepimaging.nirst.pipeline import reconstruct
+        from deepimaging.nirst.recon import hbt_contrast
+
+        if method not in METHODS:
+            raise InputError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
         startTime = time.time()
         values = self.readMeasurements(measurements)
         mri = nodes.imageFromVolumeNode(mriVolumeNode)
@@ -171,18 +191,88 @@ class NIRSTReconLogic:
         inclusionMask = None
         if segmentationNode is not None or segmentId:
             inclusionMask = self._segmentMaskOnSlice(segmentationNode, segmentId, mriVolumeNode, index)
-        checkpointPath = optionalPath(checkpoint)
-        reconstructor = self.reconstructor(checkpointPath, device)
-        maps = reconstruct_image(values, mriSlice, reconstructor=reconstructor)
+        reconstructor = self.reconstructor(optionalPath(checkpoint), device) if method == "znet" else None
+        centre = None
+        if diskCentreRAS is not None:
+            r, a, s = (float(v) for v in diskCentreRAS)
+            centre = (-r, -a, s)  # RAS -> LPS
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            output = reconstruct(values, mriSlice, method=method, reconstructor=reconstructor,
+                                 calibration=calibration, disk_centre_lps=centre, dri_element_size_mm=driElementSize,
+                                 dri_iterations=driIterations, progress=progress, cancel=cancel, **(geometry or {}))
+        notes = list(output.notes) + [str(w.message) for w in caught]
+        for w in caught:
+            logging.warning(str(w.message))
         contrast = None
         if inclusionMask is not None:
-            contrast = float(hbt_contrast(np.asarray(maps["HbT"].array)[0], inclusionMask))
-        volumes = self._addMapVolumes(maps, "", mriVolumeNode)
-        self.lastResult = ReconstructionResult(volumes, index, contrast)
+            contrast = float(hbt_contrast(np.asarray(output.maps["HbT"].array)[0], inclusionMask))
+        volumes = self._addMapVolumes(output.maps, "", mriVolumeNode)
+        self.lastResult = ReconstructionResult(volumes, index, contrast, method, notes)
+        model = reconstructor.path if reconstructor is not None else "DRI"
         logging.info(f"NIRST reconstruction of slice {index} of '{mriVolumeNode.GetName()}' with "
-                     f"{reconstructor.path} took {time.time() - startTime:.2f} s"
-                     + (f"; HbT contrast {contrast:.3f}" if contrast is not None else ""))
+                     f"{model} took {time.time() - startTime:.2f} s"
+                     + (f"; HbT contrast {contrast:.3f}" if contrast is not None else "") + "; " + "; ".join(notes))
         return self.lastResult
+
+    def panelOptions(self, parameters):
+        """The :meth:`reconstruct` keywords for the panel's method, ring, disk centre and calibration.
+
+        ``parameters`` has the module's parameter-node fields (``method``, ``ringDiameter``,
+        ``optodeOffset``, ``winding``, ``diskCentre``, ``inputVolume``, ``calibrationMode``,
+        ``referenceFile``, ``mediumHbO``, ``mediumHb``, ``mediumWater``, ``perOptodeCoupling``).
+        """
+        medium = (parameters.mediumHbO, parameters.mediumHb, parameters.mediumWater)
+        return {
+            "method": parameters.method,
+            "geometry": {"diameter_mm": float(parameters.ringDiameter),
+                         "angle_offset_deg": float(parameters.optodeOffset), "winding": parameters.winding},
+            "diskCentreRAS": self.diskCentreFromPointList(parameters.diskCentre, parameters.inputVolume),
+            "calibration": self.calibration(parameters.calibrationMode, parameters.referenceFile, medium,
+                                            parameters.perOptodeCoupling),
+        }
+
+    @staticmethod
+    def diskCentreFromPointList(pointListNode, volumeNode=None):
+        """First point of a point list (the ring centre) in the volume's own RAS, or None.
+
+        The point's world position is taken back through the volume's parent transform, so
+        :meth:`reconstruct` gets it in the coordinates of the volume's geometry.
+        """
+        if pointListNode is None or pointListNode.GetNumberOfControlPoints() < 1:
+            return None
+        world = [0.0, 0.0, 0.0]
+        pointListNode.GetNthControlPointPositionWorld(0, world)
+        transformNode = volumeNode.GetParentTransformNode() if volumeNode is not None else None
+        if transformNode is None:
+            return world
+        import vtk
+
+        worldToVolume = vtk.vtkGeneralTransform()
+        transformNode.GetTransformFromWorld(worldToVolume)
+        return list(worldToVolume.TransformPoint(world))
+
+    def calibration(self, mode="none", reference=None, medium=(14.0, 7.0, 40.0), perOptodeCoupling=False):
+        """A ``Calibration`` for :meth:`reconstruct` from the panel's fields, or None for ``"none"``.
+
+        :param mode: ``"none"``; ``"reference"``: ``reference`` (file path or array) is a homogeneous
+            phantom measured with the same system and ``medium`` its HbO uM, Hb uM, water %;
+            ``"background"``: ``medium`` is the data's known background (no reference file).
+        :param perOptodeCoupling: with ``"background"``, also fit per-optode coupling factors.
+        """
+        from deepimaging.nirst.calibration import Calibration, Medium
+
+        if mode not in CALIBRATION_MODES:
+            raise InputError(f"unknown calibration '{mode}'; choose one of {', '.join(CALIBRATION_MODES)}")
+        if mode == "none":
+            return None
+        chromophores = Medium(tuple(float(v) for v in medium))
+        if mode == "background":
+            return Calibration(chromophores, per_optode=bool(perOptodeCoupling))
+        if reference is None or (isinstance(reference, (str, os.PathLike)) and optionalPath(reference) is None):
+            raise InputError("calibration with a reference needs the reference measurement file (a homogeneous "
+                             "phantom measured with the same system, same layout as the measurements)")
+        return Calibration(chromophores, reference=self.readMeasurements(reference))
 
     def reconstructor(self, checkpoint=None, device=None):
         """The loaded network for ``checkpoint`` (None = shipped Z-Net), reused while the file is unchanged."""

@@ -371,3 +371,122 @@ def test_maps_follow_the_mri_parent_transform(phantom, tiny_checkpoint):
     result = NIRSTReconLogic().reconstruct(phantom.measurementFile, phantom.mriVolume, checkpoint=tiny_checkpoint,
                                            device="cpu")
     assert {v.GetTransformNodeID() for v in result.volumes.values()} == {transform.GetID()}
+
+
+DRI_FAST = {"method": "dri", "driElementSize": 5.0, "driIterations": 2}
+
+
+def test_dri_reports_progress_and_can_be_cancelled(phantom):
+    from deepimaging.core.progress import CancelToken, Cancelled
+
+    logic = NIRSTReconLogic()
+    seen = []
+    before = volume_count()
+    result = logic.reconstruct(phantom.measurementFile, phantom.mriVolume, progress=lambda f, m: seen.append((f, m)),
+                               segmentationNode=phantom.segmentationNode, segmentId=phantom.segmentId, **DRI_FAST)
+    assert volume_count() == before + 5 and result.method == "dri"
+    assert_maps(result, nodes.imageFromVolumeNode(phantom.mriVolume))
+    assert any("DRI iteration" in message for _, message in seen) and seen[-1][0] == 1.0
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen)
+    assert result.hbtContrast > 1.1  # DRI is model-based: no network needed to see the inclusion
+    token = CancelToken()
+
+    def cancel_at_first_iteration(fraction, message):
+        if "DRI iteration" in message:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        logic.reconstruct(phantom.measurements, phantom.mriVolume, progress=cancel_at_first_iteration, cancel=token,
+                          **DRI_FAST)
+    assert volume_count() == before + 5
+
+
+def test_calibration_with_a_reference_file(phantom, tiny_checkpoint, tmp_path):
+    from deepimaging.nirst.calibration import homogeneous_amplitudes
+    from deepimaging.nirst.recon import write_measurements
+
+    logic = NIRSTReconLogic()
+    plain = logic.reconstruct(phantom.measurements, phantom.mriVolume, checkpoint=tiny_checkpoint, device="cpu")
+    before = volume_count()
+    with pytest.raises(InputError, match="not on the model's absolute scale.*Calibration > Reference"):
+        logic.reconstruct(phantom.measurements * 1000, phantom.mriVolume, checkpoint=tiny_checkpoint)
+    assert volume_count() == before
+    reference = write_measurements(tmp_path / "reference.csv", homogeneous_amplitudes() * 1000)
+    with pytest.raises(InputError, match="needs the reference measurement file"):
+        logic.calibration("reference", "")
+    calibration = logic.calibration("reference", str(reference), (14.0, 7.0, 40.0))
+    result = logic.reconstruct(phantom.measurements * 1000, phantom.mriVolume, checkpoint=tiny_checkpoint,
+                               device="cpu", calibration=calibration)
+    assert any("reference phantom" in note for note in result.notes)
+    for key in ("HbO", "water"):
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(result.volumes[key]),
+                                   slicer.util.arrayFromVolume(plain.volumes[key]), rtol=1e-4, atol=1e-4)
+    background = logic.calibration("background", medium=(14.0, 7.0, 40.0), perOptodeCoupling=True)
+    dri = logic.reconstruct(phantom.measurements * 1000, phantom.mriVolume, calibration=background, **DRI_FAST)
+    assert any("per-optode" in note for note in dri.notes) and dri.hbtContrast is None
+    assert logic.calibration("none") is None
+    with pytest.raises(InputError, match="unknown calibration"):
+        logic.calibration("magic")
+
+
+def test_flipped_mri_node_gives_the_same_maps(phantom, tiny_checkpoint):
+    """The same MRI stored with a flipped i axis (direction and origin adjusted): same physical maps."""
+    logic = NIRSTReconLogic()
+    image = nodes.imageFromVolumeNode(phantom.mriVolume)
+    direction = image.direction.copy()
+    direction[:, 0] *= -1
+    origin = np.asarray(image.origin) + image.direction[:, 0] * image.spacing[0] * (image.shape[2] - 1)
+    flipped = nodes.volumeNodeFromImage(Image(image.array[:, :, ::-1].copy(), image.spacing, tuple(origin), direction),
+                                        "Flipped MRI")
+    plain = logic.reconstruct(phantom.measurements, phantom.mriVolume, checkpoint=tiny_checkpoint, device="cpu")
+    other = logic.reconstruct(phantom.measurements, flipped, checkpoint=tiny_checkpoint, device="cpu",
+                              segmentationNode=phantom.segmentationNode, segmentId=phantom.segmentId)
+    for key in ("HbT", "water"):
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(other.volumes[key])[:, :, ::-1],
+                                   slicer.util.arrayFromVolume(plain.volumes[key]), rtol=1e-4, atol=1e-4)
+    # A disk centre in RAS and an optode ring that Z-Net cannot take.
+    ras = nodes.ijkToRASArray(phantom.mriVolume) @ [49.5, 49.5, 0, 1]
+    centred = logic.reconstruct(phantom.measurements, phantom.mriVolume, checkpoint=tiny_checkpoint, device="cpu",
+                                diskCentreRAS=ras[:3])
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(centred.volumes["HbT"]),
+                               slicer.util.arrayFromVolume(plain.volumes["HbT"]), atol=1e-5)
+    with pytest.raises(InputError, match="90 mm ring.*use --method dri"):
+        logic.reconstruct(phantom.measurements, phantom.mriVolume, checkpoint=tiny_checkpoint,
+                          geometry={"diameter_mm": 90.0, "angle_offset_deg": 0.0, "winding": "ccw"})
+    with pytest.raises(InputError, match="unknown method 'fem'"):
+        logic.reconstruct(phantom.measurements, phantom.mriVolume, method="fem")
+
+
+def test_disk_centre_from_a_point_list(phantom):
+    points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Ring centre")
+    assert NIRSTReconLogic.diskCentreFromPointList(None, phantom.mriVolume) is None
+    assert NIRSTReconLogic.diskCentreFromPointList(points, phantom.mriVolume) is None
+    points.AddControlPoint(vtk.vtkVector3d(1.0, 2.0, 0.0))
+    np.testing.assert_allclose(NIRSTReconLogic.diskCentreFromPointList(points, phantom.mriVolume), [1, 2, 0])
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 10.0)
+    transform.SetMatrixTransformToParent(matrix)
+    phantom.mriVolume.SetAndObserveTransformNodeID(transform.GetID())
+    # The volume is shown 10 mm to the right: the same world point is 10 mm left in its own RAS.
+    np.testing.assert_allclose(NIRSTReconLogic.diskCentreFromPointList(points, phantom.mriVolume), [-9, 2, 0])
+
+
+def test_panel_options_for_dri_with_background_calibration(phantom):
+    """What the panel passes to reconstruct (its fields as the parameter node holds them)."""
+    from types import SimpleNamespace
+
+    logic = NIRSTReconLogic()
+    panel = SimpleNamespace(method="dri", ringDiameter=82.0, optodeOffset=0.0, winding="ccw", diskCentre=None,
+                            inputVolume=phantom.mriVolume, calibrationMode="background", referenceFile="",
+                            mediumHbO=14.0, mediumHb=7.0, mediumWater=40.0, perOptodeCoupling=False)
+    options = logic.panelOptions(panel)
+    assert options["method"] == "dri" and options["diskCentreRAS"] is None
+    assert options["geometry"] == {"diameter_mm": 82.0, "angle_offset_deg": 0.0, "winding": "ccw"}
+    assert options["calibration"].reference is None and options["calibration"].medium.chromophores == (14, 7, 40)
+    result = logic.reconstruct(phantom.measurements * 1000, phantom.mriVolume, driElementSize=5.0, driIterations=1,
+                               **options)
+    assert result.method == "dri" and any("known background" in note for note in result.notes)
+    panel.calibrationMode = "reference"
+    with pytest.raises(InputError, match="needs the reference measurement file"):
+        logic.panelOptions(panel)

@@ -56,8 +56,10 @@ from deepimaging.core.progress import CancelToken, ProgressCallback, check_cance
 
 from .forward import DiffusionForwardModel
 from .mesh import (
+    DEFAULT_ANGLE_OFFSET_DEG,
     DEFAULT_DIAMETER_MM,
     DEFAULT_ELEMENT_SIZE_MM,
+    DEFAULT_WINDING,
     DEFAULT_GRID_SIZE,
     make_disk_mesh,
     node_to_pixel_matrix,
@@ -112,7 +114,12 @@ class DRIResult:
 
 
 class DRIReconstructor:
-    """Build once (mesh, forward model, transfer matrices), then :meth:`reconstruct` many phantoms."""
+    """Build once (mesh, forward model, transfer matrices), then :meth:`reconstruct` many phantoms.
+
+    Geometry: ``diameter_mm``, ``n_optodes``, ``angle_offset_deg`` and ``winding`` place the optodes
+    (:func:`~deepimaging.nirst.mesh.optode_angles`); the ``grid_size`` pixel grid spans the disk's
+    bounding square with columns along the angle-0 axis (+x) and rows along +y.
+    """
 
     def __init__(
         self,
@@ -127,12 +134,16 @@ class DRIReconstructor:
         mri_smoothing_px: float = 1.0,
         iterations: int = 6,
         reference_values: Sequence[float] = REFERENCE_VALUES,
+        angle_offset_deg: float = DEFAULT_ANGLE_OFFSET_DEG,
+        winding: str = DEFAULT_WINDING,
     ) -> None:
         self.mesh = make_disk_mesh(diameter_mm, element_size_mm)
         self.n_optodes = int(n_optodes)
+        self.diameter_mm = float(diameter_mm)
         self.wavelengths = tuple(int(w) for w in wavelengths)
         self.grid_size = int(grid_size)
-        self.model = DiffusionForwardModel(self.mesh, self.n_optodes)
+        self.model = DiffusionForwardModel(self.mesh, self.n_optodes, angle_offset_deg=angle_offset_deg,
+                                           winding=winding)
         self.musp = reduced_scattering(self.wavelengths)
         self.spectral = _spectral_e(self.wavelengths)
         self.to_nodes = pixel_to_node_matrix(self.mesh, self.grid_size)

@@ -171,8 +171,13 @@ def evaluate(data: DatasetLike, znet: Optional[Path | str] = None, ynet: Optiona
              out_dir: Path | str = "nirst-evaluation", n_test: Optional[int] = None, n_dri: int = 20,
              device: DeviceLike = None, workers: Optional[int] = None, dri_element_size_mm: float = 2.5,
              eight_optodes: bool = True, n_figure: int = 3, progress: Optional[ProgressCallback] = None,
-             cancel: Optional[CancelToken] = None, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
-    """Evaluate, write ``results.md``, ``results.json`` and comparison PNGs into ``out_dir``."""
+             cancel: Optional[CancelToken] = None, log: Optional[Callable[[str], None]] = None,
+             all_phantoms: bool = False) -> Dict[str, Any]:
+    """Evaluate, write ``results.md``, ``results.json`` and comparison PNGs into ``out_dir``.
+
+    ``all_phantoms``: ``data`` is a held-out dataset (another seed); evaluate every phantom of it
+    instead of the test part of the split.
+    """
     say = log or (lambda line: None)
     dataset = as_dataset(data)
     meta = dataset.get("meta", {})
@@ -184,7 +189,8 @@ def evaluate(data: DatasetLike, znet: Optional[Path | str] = None, ynet: Optiona
     if len(seeds) > 1:
         raise InputError(f"the checkpoints were trained with different split seeds {sorted(seeds)}")
     split_seed = seeds.pop() if seeds else DEFAULT_SPLIT_SEED
-    test_rows = split_indices(len(dataset["measurements"]), split_seed)[2]
+    test_rows = (np.arange(len(dataset["measurements"])) if all_phantoms
+                 else split_indices(len(dataset["measurements"]), split_seed)[2])
     if n_test is not None:
         test_rows = test_rows[: max(1, int(n_test))]
     n_dri = min(int(n_dri), len(test_rows))

@@ -57,7 +57,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import splu
 
-from .mesh import DiskMesh, optode_angles, optode_positions, rim_interpolation_matrix
+from .mesh import (DEFAULT_ANGLE_OFFSET_DEG, DEFAULT_WINDING, DiskMesh, optode_angles, optode_positions,
+                   rim_interpolation_matrix)
 
 DEFAULT_REFRACTIVE_INDEX = 1.33
 
@@ -114,6 +115,8 @@ class DiffusionForwardModel:
     ``source_depth_mm`` fixes the source depth (default: one transport length);
     ``mass_lumping`` is the lumped share of the absorption mass matrix (0 = NIRFAST's
     consistent mass; 0.5 = the more accurate blend, see the module docstring).
+    ``angle_offset_deg`` / ``winding``: optode placement (see :func:`~deepimaging.nirst.mesh.optode_angles`;
+    default optode 0 on +x, counter-clockwise, as the training simulator places them).
     """
 
     def __init__(
@@ -123,14 +126,19 @@ class DiffusionForwardModel:
         refractive_index: float = DEFAULT_REFRACTIVE_INDEX,
         source_depth_mm: Optional[float] = None,
         mass_lumping: float = 0.5,
+        angle_offset_deg: float = DEFAULT_ANGLE_OFFSET_DEG,
+        winding: str = DEFAULT_WINDING,
     ) -> None:
         self.mesh = mesh
         self.n_optodes = int(n_optodes)
+        self.angle_offset_deg = float(angle_offset_deg)
+        self.winding = str(winding)
         self.refractive_index = float(refractive_index)
         self.boundary_factor = boundary_mismatch_factor(refractive_index)
         self.source_depth_mm = source_depth_mm
         self.mass_lumping = float(mass_lumping)
-        self.detector_matrix = rim_interpolation_matrix(mesh, optode_angles(self.n_optodes))
+        self.detector_matrix = rim_interpolation_matrix(
+            mesh, optode_angles(self.n_optodes, self.angle_offset_deg, self.winding))
         n = self.n_optodes
         self.source_index = np.repeat(np.arange(n), n - 1)
         self.detector_index = np.array([j for i in range(n) for j in range(n) if j != i])
@@ -237,7 +245,7 @@ class DiffusionForwardModel:
     def source_matrix(self, mua: np.ndarray, musp: np.ndarray) -> np.ndarray:
         """(n_nodes, N) right-hand sides: unit point sources projected on the P1 basis."""
         depth = self.source_depth(mua, musp)
-        points = optode_positions(self.mesh.radius, self.n_optodes, depth)
+        points = optode_positions(self.mesh.radius, self.n_optodes, depth, self.angle_offset_deg, self.winding)
         return self.mesh.interpolation_matrix(points).T.toarray()
 
     def factorise(self, mua: np.ndarray, musp: np.ndarray):

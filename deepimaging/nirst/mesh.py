@@ -8,8 +8,11 @@ on the rim, and provides the two sparse transfer matrices pixel grid <-> mesh no
 default 1 mm elements give 5729 nodes for the 82 mm disk: model error < 1 % (see forward.py).
 
 Coordinates are millimetres with the disk centred at the origin.  Optode ``i`` of ``N`` sits at
-angle ``2*pi*i/N`` (counter-clockwise from +x).  Pixel arrays are indexed ``[row, col]`` with
-``col`` along +x and ``row`` along +y (row 0 at y = -R): show them with ``origin="lower"``.
+angle ``offset + s * 2*pi*i/N`` from +x, ``s = +1`` for the counter-clockwise winding (from +x
+towards +y) and ``-1`` for clockwise; the default (the training simulator's placement) is offset 0,
+counter-clockwise: optode 0 on +x, optode 1 at 360/N degrees towards +y.  Pixel arrays are
+indexed ``[row, col]`` with ``col`` along +x and ``row`` along +y (row 0 at y = -R): show them
+with ``origin="lower"``.
 """
 
 from __future__ import annotations
@@ -206,14 +209,29 @@ def make_disk_mesh(
     return DiskMesh(points, elements, rim, radius, element_size)
 
 
-def optode_angles(n_optodes: int = 16) -> np.ndarray:
-    """Angles (rad) of ``n_optodes`` evenly spaced optodes, optode 0 on the +x axis."""
-    return 2.0 * np.pi * np.arange(int(n_optodes)) / int(n_optodes)
+DEFAULT_ANGLE_OFFSET_DEG = 0.0
+DEFAULT_WINDING = "ccw"
+WINDINGS = ("ccw", "cw")
 
 
-def optode_positions(radius: float, n_optodes: int = 16, depth: float = 0.0) -> np.ndarray:
+def winding_sign(winding: str) -> int:
+    """+1 for ``"ccw"`` (from +x towards +y), -1 for ``"cw"``."""
+    if winding not in WINDINGS:
+        raise ValueError(f"optode winding must be 'ccw' or 'cw', got {winding!r}")
+    return 1 if winding == "ccw" else -1
+
+
+def optode_angles(n_optodes: int = 16, angle_offset_deg: float = DEFAULT_ANGLE_OFFSET_DEG,
+                  winding: str = DEFAULT_WINDING) -> np.ndarray:
+    """Angles (rad, from +x) of ``n_optodes`` evenly spaced optodes; default: optode 0 on +x, ccw."""
+    steps = 2.0 * np.pi * np.arange(int(n_optodes)) / int(n_optodes)
+    return np.deg2rad(float(angle_offset_deg)) + winding_sign(winding) * steps
+
+
+def optode_positions(radius: float, n_optodes: int = 16, depth: float = 0.0,
+                     angle_offset_deg: float = DEFAULT_ANGLE_OFFSET_DEG, winding: str = DEFAULT_WINDING) -> np.ndarray:
     """(n_optodes, 2) positions at ``depth`` mm inside the rim."""
-    angles = optode_angles(n_optodes)
+    angles = optode_angles(n_optodes, angle_offset_deg, winding)
     return (radius - depth) * np.column_stack([np.cos(angles), np.sin(angles)])
 
 

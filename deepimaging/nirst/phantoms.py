@@ -16,6 +16,12 @@ MRI image (paper): inclusion grey 80, background 50, 4 % Gaussian noise -- read 
 multiplicative, sigma = 4 % of the local grey value -- and 0 outside the disk.  Maps: HbO (uM),
 Hb (uM), water (%) inside the disk, 0 outside.
 
+Two distributions (``distribution=``): ``"paper"`` (the default; the above, discrete levels and
+one fixed MRI contrast) and ``"robust"`` (:mod:`deepimaging.nirst.robust_phantoms`): continuous
+chromophore values, random MRI contrast (incl. darker lesions), bias field and texture, and
+phantoms whose MRI shows a region the optics do not (and vice versa), so that a network trained
+on it must take structure, not values, from the MRI (issue #11).
+
 Reproducibility: phantom ``index`` of a dataset with ``seed`` uses its own generator
 ``numpy.random.default_rng([seed, index, 0])`` (measurement noise uses ``[seed, index, 1]``),
 so any shard of indices regenerates exactly the phantoms of the full run, and different seeds
@@ -24,7 +30,7 @@ never share streams (which ``seed + index`` would).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
 import numpy as np
@@ -53,6 +59,7 @@ PAIR_EDGE_DISTANCE_MM: Tuple[float, float] = (4.0, 42.0)
 MRI_BACKGROUND = 50.0
 MRI_INCLUSION = 80.0
 MRI_NOISE = 0.04
+DISTRIBUTIONS: Tuple[str, ...] = ("paper", "robust")
 
 
 @dataclass
@@ -61,7 +68,10 @@ class Phantom:
 
     ``maps`` (3, size, size) float32 HbO uM / Hb uM / water %; ``mri`` (size, size) float32;
     ``centres_mm`` (k, 2) and ``diameters_mm`` (k,) of the k = 1 or 2 inclusions;
-    ``background`` (3,) and ``inclusion_values`` (k, 3) in map units.
+    ``background`` (3,) and ``inclusion_values`` (k, 3) in map units; ``mri_ratio`` (k,) the
+    MRI grey value of each inclusion over the background's (1.0: invisible in the MRI);
+    ``kind``: ``"paper"``, ``"both"`` (every inclusion in optics and MRI), ``"mri_only"`` (one
+    inclusion has no optical contrast) or ``"optics_only"`` (one inclusion is invisible in the MRI).
     """
 
     index: int
@@ -72,6 +82,8 @@ class Phantom:
     inclusion_values: np.ndarray
     maps: np.ndarray
     mri: np.ndarray
+    mri_ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    kind: str = "paper"
 
     @property
     def edge_distance_mm(self) -> float:
@@ -152,11 +164,19 @@ def make_phantom(
     seed: int = 0,
     diameter_mm: float = DEFAULT_DIAMETER_MM,
     size: int = DEFAULT_GRID_SIZE,
+    distribution: str = "paper",
 ) -> Phantom:
     """Phantom ``index`` of the dataset ``seed`` -- the same whichever shard asks for it."""
+    if distribution == "robust":
+        from .robust_phantoms import make_robust_phantom
+
+        return make_robust_phantom(index, seed, diameter_mm, size)
+    if distribution != "paper":
+        raise ValueError(f"unknown phantom distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
     rng = phantom_generator(seed, index, 0)
     radius = 0.5 * float(diameter_mm)
     centres, diameters = sample_geometry(rng, radius)
     background, inclusion_values = sample_values(rng, len(diameters))
     maps, mri = render_phantom(centres, diameters, background, inclusion_values, rng, radius, size)
-    return Phantom(int(index), int(seed), centres, diameters, background, inclusion_values, maps, mri)
+    ratio = np.full(len(diameters), MRI_INCLUSION / MRI_BACKGROUND)
+    return Phantom(int(index), int(seed), centres, diameters, background, inclusion_values, maps, mri, ratio)

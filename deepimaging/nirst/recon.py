@@ -8,9 +8,12 @@ This is what the Slicer module, the CLI and the demo call.  Conventions:
   :mod:`deepimaging.nirst.forward`).  Optode 0 sits on the +x (image i) axis from the disk
   centre, numbered counter-clockwise towards +y (image j).
 * Network grid: 100 x 100 pixels over the disk's bounding square (82 mm -> 0.82 mm pixels),
-  row = +y, col = +x.  :func:`reconstruct_image` resamples any 2D MRI (or one slice) onto it --
-  the disk centred on the image centre unless ``disk_centre_ijk`` says otherwise -- and maps the
-  results back onto the MRI's own grid and geometry (zero outside the disk).
+  row = +y, col = +x.  :func:`reconstruct_image` (:mod:`deepimaging.nirst.pipeline`) resamples any
+  2D MRI (or one slice) onto it in physical space -- the disk centred on the slice centre unless
+  told otherwise -- and maps the results back onto the MRI's own grid (zero outside the disk);
+  :mod:`deepimaging.nirst.geometry` defines the frame.  A checkpoint's ring comes from its config
+  (``diameter_mm``, ``n_optodes``, ``optode_angle_offset_deg``, ``optode_winding``; the last two
+  default to 0 and ``"ccw"``, the simulator's placement).
 * Outputs: HbO and Hb in uM, water in %, HbT = HbO + Hb in uM, StO2 = 100 HbO / HbT in %;
   concentrations are clipped at 0 (a physical bound the linear output layer does not know).
 """
@@ -18,11 +21,10 @@ This is what the Slicer module, the CLI and the demo call.  Conventions:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from deepimaging.core.checkpoint import Checkpoint, load_checkpoint
 from deepimaging.core.device import DeviceLike, select_device
@@ -30,6 +32,7 @@ from deepimaging.core.errors import CheckpointError, InputError
 from deepimaging.core.image import Image
 
 from .data import Normalisation
+from .geometry import OptodeGeometry, extract_slice, maps_to_image, resample_mri
 from .mesh import DEFAULT_DIAMETER_MM, DEFAULT_GRID_SIZE, disk_mask
 from .optics import WAVELENGTHS_NM
 from .train import METHODS, build_network
@@ -117,6 +120,9 @@ class Reconstructor:
             self.grid_size = int(config.get("grid_size", DEFAULT_GRID_SIZE))
             self.diameter_mm = float(config.get("diameter_mm", DEFAULT_DIAMETER_MM))
             self.normalisation = Normalisation.from_tensors(checkpoint.extra_tensors)
+            self.geometry = OptodeGeometry.from_config(config)
+        except InputError as exc:
+            raise CheckpointError(f"{path or 'checkpoint'}: invalid optode ring in the config ({exc})") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path or 'checkpoint'}: incomplete NIRST checkpoint (missing {exc})") from exc
         if self.normalisation.normalizer.n_optodes != self.n_optodes:
@@ -233,88 +239,18 @@ def load_reconstructor(checkpoint: Optional[PathLike] = None, device: DeviceLike
     return Reconstructor(ckpt, device, path)
 
 
-# -- MRI geometry <-> network grid -----------------------------------------------------------
-def extract_slice(image: Image, index: int) -> Image:
-    """Slice ``index`` (k) of a 3D image as a single-slice image with its own origin."""
-    depth = image.array.shape[0]
-    if not -depth <= index < depth:
-        raise InputError(f"slice {index} is outside the image's {depth} slices")
-    k = index % depth
-    origin = np.asarray(image.origin) + image.direction[:, 2] * image.spacing[2] * k
-    return Image(image.array[k:k + 1].copy(), image.spacing, tuple(origin), image.direction.copy())
-
-
-def _plane(mri: Image) -> np.ndarray:
-    if mri.array.shape[0] != 1:
-        raise InputError(f"the MRI must be 2D or a single slice (1, y, x), got {mri.array.shape[0]} slices "
-                         f"(shape {mri.array.shape}); choose the slice of the NIRST plane first")
-    plane = np.asarray(mri.array[0], dtype=np.float64)
-    if min(plane.shape) < 8:
-        raise InputError(f"the MRI slice is too small ({plane.shape[1]}x{plane.shape[0]} pixels)")
-    if not np.all(np.isfinite(plane)):
-        raise InputError("the MRI has NaN or infinite pixels")
-    return plane
-
-
-def grid_coordinates(mri: Image, diameter_mm: float, grid_size: int,
-                     disk_centre_ijk: Optional[Tuple[float, float]] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Continuous MRI indices (i, j) of the network-grid pixel centres, each (grid, grid)."""
-    ny, nx = mri.array.shape[1:]
-    ci, cj = disk_centre_ijk if disk_centre_ijk is not None else ((nx - 1) / 2.0, (ny - 1) / 2.0)
-    pitch = diameter_mm / grid_size
-    axis = -0.5 * diameter_mm + (np.arange(grid_size) + 0.5) * pitch
-    x, y = np.meshgrid(axis, axis, indexing="xy")
-    return ci + x / mri.spacing[0], cj + y / mri.spacing[1]
-
-
-def resample_mri(mri: Image, diameter_mm: float = DEFAULT_DIAMETER_MM, grid_size: int = DEFAULT_GRID_SIZE,
-                 disk_centre_ijk: Optional[Tuple[float, float]] = None) -> np.ndarray:
-    """The MRI plane on the network grid (bilinear); the disk must lie inside the image."""
-    plane = _plane(mri)
-    ii, jj = grid_coordinates(mri, diameter_mm, grid_size, disk_centre_ijk)
-    ny, nx = plane.shape
-    disk = disk_mask(0.5 * diameter_mm, grid_size)
-    if ii[disk].min() < -0.5 or jj[disk].min() < -0.5 or ii[disk].max() > nx - 0.5 or jj[disk].max() > ny - 0.5:
-        raise InputError(f"the {diameter_mm:g} mm imaging disk does not fit in the MRI slice "
-                         f"({nx * mri.spacing[0]:.1f} x {ny * mri.spacing[1]:.1f} mm); check its spacing/centre")
-    values = ndimage.map_coordinates(plane, [jj.ravel(), ii.ravel()], order=1, mode="nearest")
-    return np.where(disk, values.reshape(grid_size, grid_size), 0.0).astype(np.float32)
-
-
-def maps_to_image(maps: Dict[str, np.ndarray], mri: Image, diameter_mm: float = DEFAULT_DIAMETER_MM,
-                  disk_centre_ijk: Optional[Tuple[float, float]] = None) -> Dict[str, Image]:
-    """Network-grid maps -> images on the MRI's grid and geometry (bilinear, zero outside the disk)."""
-    ny, nx = mri.array.shape[1:]
-    grid_size = next(iter(maps.values())).shape[-1]
-    ci, cj = disk_centre_ijk if disk_centre_ijk is not None else ((nx - 1) / 2.0, (ny - 1) / 2.0)
-    i, j = np.meshgrid(np.arange(nx, dtype=float), np.arange(ny, dtype=float), indexing="xy")
-    x, y = (i - ci) * mri.spacing[0], (j - cj) * mri.spacing[1]
-    pitch = diameter_mm / grid_size
-    col, row = (x + 0.5 * diameter_mm) / pitch - 0.5, (y + 0.5 * diameter_mm) / pitch - 0.5
-    inside = np.hypot(x, y) < 0.5 * diameter_mm
-    out = {}
-    for name, values in maps.items():
-        sampled = ndimage.map_coordinates(np.asarray(values, dtype=np.float64), [row.ravel(), col.ravel()],
-                                          order=1, mode="nearest").reshape(ny, nx)
-        out[name] = mri.with_array(np.where(inside, sampled, 0.0).astype(np.float32)[None])
-    return out
-
-
 def reconstruct_image(measurements: np.ndarray, mri: Image, checkpoint: Optional[PathLike] = None,
                       device: DeviceLike = None, reconstructor: Optional[Reconstructor] = None,
-                      disk_centre_ijk: Optional[Tuple[float, float]] = None) -> Dict[str, Image]:
+                      **options: Any) -> Dict[str, Image]:
     """Measurements + an MRI :class:`Image` (2D or one slice) -> HbO/Hb/water/HbT/StO2 images on its grid.
 
-    Pass ``reconstructor`` to reuse a loaded network; ``disk_centre_ijk`` (i, j) places the disk
-    centre in the MRI (default: the image centre).
+    See :func:`deepimaging.nirst.pipeline.reconstruct` for ``options`` (method, geometry, disk
+    centre, calibration, progress, cancel).
     """
-    if not isinstance(mri, Image):
-        raise InputError("reconstruct_image needs the MRI as a deepimaging Image (array + geometry)")
-    rec = reconstructor or load_reconstructor(checkpoint, device)
-    values = rec.check_measurements(measurements)
-    grid_mri = resample_mri(mri, rec.diameter_mm, rec.grid_size, disk_centre_ijk)
-    maps = rec.reconstruct(values, grid_mri)
-    return maps_to_image(maps, mri, rec.diameter_mm, disk_centre_ijk)
+    from .pipeline import reconstruct
+
+    return reconstruct(measurements, mri, checkpoint=checkpoint, device=device, reconstructor=reconstructor,
+                       **options).maps
 
 
 def hbt_contrast(hbt_map: Union[np.ndarray, Image], inside_mask: Union[np.ndarray, Image],

@@ -11,6 +11,11 @@ phantoms in ~26 min.  Measured while the machine was shared with other jobs (loa
 4.4 phantoms/s with ``workers=2``.  ``element_size_mm=1.5`` is ~2.5x faster at ~2 % model error
 instead of < 1 %; shard the run (``shard_range``) across machines for more.
 
+Phantom distribution (``distribution``, stored in ``meta``): ``"paper"`` (default) or
+``"robust"`` (:mod:`deepimaging.nirst.robust_phantoms`).  Per phantom the files also hold
+``inclusion_mri_ratio`` (MRI grey ratio inclusion/background, NaN-padded) and ``phantom_kind``
+(index into ``PHANTOM_KINDS``).
+
 Dataset files: one compressed ``.npz`` per shard holding the arrays below and a JSON ``meta``
 string (no pickles).  ``mri`` is stored as float16 (its 4 % noise dwarfs float16 rounding) and
 returned as float32.  A folder of shards loads as one dataset, ordered by phantom index.
@@ -46,14 +51,16 @@ from .optics import (
     absorption,
     reduced_scattering,
 )
-from .phantoms import CHROMOPHORE_UNITS, CHROMOPHORES, MRI_NOISE, make_phantom, phantom_generator
+from .phantoms import CHROMOPHORE_UNITS, CHROMOPHORES, DISTRIBUTIONS, MRI_NOISE, make_phantom, phantom_generator
 
 DATASET_FORMAT = "deepimaging.nirst.dataset"
 DATASET_FORMAT_VERSION = 1
 PER_PHANTOM_KEYS = (
     "measurements", "mri", "maps", "indices", "inclusion_count",
     "inclusion_centres_mm", "inclusion_diameters_mm", "background_values", "inclusion_values",
+    "inclusion_mri_ratio", "phantom_kind",
 )
+PHANTOM_KINDS = ("paper", "both", "mri_only", "optics_only")
 
 _WORKER_STATE: Dict[str, Any] = {}
 def shard_range(n: int, k: int, nshards: int) -> Tuple[int, int]:
@@ -92,18 +99,21 @@ def _init_worker(settings: Dict[str, Any]) -> None:
 
 def _simulate_one(index: int, state: Dict[str, Any]) -> Dict[str, np.ndarray]:
     settings = state["settings"]
-    phantom = make_phantom(index, settings["seed"], settings["diameter_mm"], settings["grid_size"])
-    nodal = state["pixels_to_nodes"] @ phantom.maps.reshape(3, -1).astype(float).T  # (n_nodes, 3)
-    mua = absorption(nodal[:, 0], nodal[:, 1], nodal[:, 2] / 100.0, settings["wavelengths_nm"])
-    amplitudes = state["model"].measure(mua, state["musp"]).ravel()
+    phantom = make_phantom(index, settings["seed"], settings["diameter_mm"], settings["grid_size"],
+                           settings.get("distribution", "paper"))
+    amplitudes = measure_maps(phantom.maps, state)
     noise = phantom_generator(settings["seed"], index, 1).standard_normal(amplitudes.shape)
     amplitudes = amplitudes * (1.0 + settings["noise"] * noise)
     k = len(phantom.diameters_mm)
     centres = np.full((2, 2), np.nan)
     diameters = np.full(2, np.nan)
     values = np.full((2, 3), np.nan)
+    ratios = np.full(2, np.nan)
     centres[:k], diameters[:k], values[:k] = phantom.centres_mm, phantom.diameters_mm, phantom.inclusion_values
+    ratios[:k] = phantom.mri_ratio
     return {
+        "inclusion_mri_ratio": ratios.astype(np.float32),
+        "phantom_kind": np.int8(PHANTOM_KINDS.index(phantom.kind)),
         "measurements": amplitudes.astype(np.float32),
         "mri": phantom.mri,
         "maps": phantom.maps,
@@ -114,6 +124,34 @@ def _simulate_one(index: int, state: Dict[str, Any]) -> Dict[str, np.ndarray]:
         "background_values": phantom.background.astype(np.float32),
         "inclusion_values": values.astype(np.float32),
     }
+
+
+def measure_maps(maps: np.ndarray, state: Dict[str, Any]) -> np.ndarray:
+    """Noise-free amplitudes (9 * N * (N - 1),) of chromophore maps (3, H, W) [uM, uM, %]."""
+    settings = state["settings"]
+    nodal = state["pixels_to_nodes"] @ np.asarray(maps).reshape(3, -1).astype(float).T  # (n_nodes, 3)
+    mua = absorption(nodal[:, 0], nodal[:, 1], nodal[:, 2] / 100.0, settings["wavelengths_nm"])
+    return state["model"].measure(mua, state["musp"]).ravel()
+
+
+def simulation_settings(seed: int = 0, noise: float = 0.02, n_optodes: int = 16,
+                        element_size_mm: float = DEFAULT_ELEMENT_SIZE_MM,
+                        distribution: str = "paper") -> Dict[str, Any]:
+    """The settings one simulating process needs (JSON-able); see :func:`simulate_phantoms`."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown phantom distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+    return {
+        "seed": int(seed), "noise": float(noise), "n_optodes": int(n_optodes),
+        "diameter_mm": DEFAULT_DIAMETER_MM, "grid_size": DEFAULT_GRID_SIZE,
+        "element_size_mm": float(element_size_mm), "refractive_index": DEFAULT_REFRACTIVE_INDEX,
+        "wavelengths_nm": list(WAVELENGTHS_NM), "scattering_amplitude": DEFAULT_SCATTERING_AMPLITUDE,
+        "scattering_power": DEFAULT_SCATTERING_POWER, "distribution": distribution,
+    }
+
+
+def simulation_state(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Mesh, forward model and pixel-to-node map for :func:`measure_maps` (reuse across phantoms)."""
+    return _build_state(settings)
 
 
 def _simulate_chunk_in_worker(indices: List[int]) -> List[Dict[str, np.ndarray]]:
@@ -131,6 +169,7 @@ def simulate_phantoms(
     cancel: Optional[CancelToken] = None,
     element_size_mm: float = DEFAULT_ELEMENT_SIZE_MM,
     chunk_size: int = 4,
+    distribution: str = "paper",
 ) -> Dict[str, Any]:
     """Simulate phantoms ``start .. start + n - 1`` of dataset ``seed``.
 
@@ -138,16 +177,11 @@ def simulate_phantoms(
     (n, 100, 100), ``maps`` (n, 3, 100, 100) [HbO uM, Hb uM, water %], ``indices`` and the
     per-phantom geometry/values, plus ``meta`` (a JSON-able dict).  ``workers=None`` uses
     every core, ``workers=1`` runs in this process.  Results do not depend on ``workers``.
+    ``distribution``: ``"paper"`` or ``"robust"`` phantoms (module docstring).
     """
     from deepimaging import __version__
 
-    settings = {
-        "seed": int(seed), "noise": float(noise), "n_optodes": int(n_optodes),
-        "diameter_mm": DEFAULT_DIAMETER_MM, "grid_size": DEFAULT_GRID_SIZE,
-        "element_size_mm": float(element_size_mm), "refractive_index": DEFAULT_REFRACTIVE_INDEX,
-        "wavelengths_nm": list(WAVELENGTHS_NM), "scattering_amplitude": DEFAULT_SCATTERING_AMPLITUDE,
-        "scattering_power": DEFAULT_SCATTERING_POWER,
-    }
+    settings = simulation_settings(seed, noise, n_optodes, element_size_mm, distribution)
     indices = list(range(int(start), int(start) + int(n)))
     chunks = [indices[i:i + chunk_size] for i in range(0, len(indices), chunk_size)]
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
@@ -193,7 +227,8 @@ def simulate_phantoms(
         "measurement_order": "wavelength, source, detector (source-major; detectors ascending, source skipped)",
         "measurement_kind": "CW amplitude (fluence at the rim per unit source power)",
         "noise": float(noise), "noise_model": "multiplicative Gaussian, amplitude * (1 + noise * N(0, 1))",
-        "mri_noise": MRI_NOISE, "diameter_mm": DEFAULT_DIAMETER_MM, "grid_size": DEFAULT_GRID_SIZE,
+        "mri_noise": MRI_NOISE if distribution == "paper" else "random, see robust_phantoms",
+        "distribution": distribution, "phantom_kinds": list(PHANTOM_KINDS), "diameter_mm": DEFAULT_DIAMETER_MM, "grid_size": DEFAULT_GRID_SIZE,
         "map_channels": list(CHROMOPHORES), "map_units": list(CHROMOPHORE_UNITS),
         "element_size_mm": float(element_size_mm), "refractive_index": DEFAULT_REFRACTIVE_INDEX,
         "scattering_amplitude_per_mm": DEFAULT_SCATTERING_AMPLITUDE, "scattering_power": DEFAULT_SCATTERING_POWER,
@@ -237,11 +272,12 @@ def load_dataset(path_or_folder: Union[str, Path]) -> Dict[str, Any]:
     shards = sorted((_load_file(f) for f in files), key=lambda d: int(d["meta"].get("start", 0)))
     first = shards[0]["meta"]
     for shard in shards[1:]:
-        for key in ("seed", "wavelengths_nm", "n_optodes", "noise", "grid_size", "diameter_mm"):
-            if shard["meta"].get(key) != first.get(key):
+        for key in ("seed", "wavelengths_nm", "n_optodes", "noise", "grid_size", "diameter_mm", "distribution"):
+            if shard["meta"].get(key, "paper" if key == "distribution" else None) != \
+                    first.get(key, "paper" if key == "distribution" else None):
                 raise ValueError(f"shards disagree on {key!r}: {shard['meta'].get(key)} vs {first.get(key)}")
     merged: Dict[str, Any] = {
-        key: np.concatenate([s[key] for s in shards]) for key in PER_PHANTOM_KEYS if key in shards[0]
+        key: np.concatenate([s[key] for s in shards]) for key in PER_PHANTOM_KEYS if all(key in s for s in shards)
     }
     if "indices" in merged and len(np.unique(merged["indices"])) != len(merged["indices"]):
         raise ValueError("shards overlap: some phantom indices appear twice")

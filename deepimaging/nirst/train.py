@@ -9,11 +9,15 @@ What is added to the paper's recipe, and why:
   the first 2 % of the run warms up linearly (Adam at 0.005 with BatchNorm can diverge early);
 * ``max_minutes``: a wall-clock budget; the loop stops before an epoch that would not finish in
   time, with ``best.pt`` (lowest validation loss) and ``last.pt`` (for resuming) written;
+* ``init_from``: fine-tune from a checkpoint's weights (fresh optimizer and schedule), reusing
+  its normalisation statistics so the network's inputs and outputs keep their meaning;
 * data normalised once and, on CUDA when it fits (half of the free memory), kept on the GPU,
   so an epoch is pure compute; bf16/fp16 autocast on CUDA (:func:`deepimaging.core.device.autocast`).
 
 Checkpoint header (method ``nirst-znet`` / ``nirst-ynet``): ``config`` has the architecture and
-its constructor arguments, wavelengths, optode count, grid, split seed and the normalisation
+its constructor arguments, wavelengths, optode count and placement (``optode_angle_offset_deg``:
+angle of optode 0 counter-clockwise from +x; ``optode_winding``: ``"ccw"``, the direction of
+increasing optode index, see :mod:`deepimaging.nirst.mesh`), grid, phantom distribution, split seed and the normalisation
 schemes; ``extra_tensors`` hold the measurement normaliser and the per-chromophore target
 scale; ``training`` the budget (phantoms, epochs, wall time, device); ``metrics`` the last
 epoch's losses and, in ``best.pt``, the test-split MSE/PSNR/SSIM per chromophore.
@@ -39,6 +43,7 @@ from deepimaging.core.training import TrainingRun, backward_and_step, format_sec
 
 from .data import (DEFAULT_SPLIT_SEED, MRI_NORMALISATION, SPLIT_FRACTIONS, TARGET_NORMALISATION, DatasetLike,
                    NirstDataset, Normalisation, as_dataset, dataset_summary, split_indices)
+from .mesh import DEFAULT_ANGLE_OFFSET_DEG, DEFAULT_WINDING
 from .metrics import default_disk, map_metrics, summarise, truth_data_range
 from .optics import WAVELENGTHS_NM
 from .phantoms import CHROMOPHORE_UNITS, CHROMOPHORES
@@ -50,6 +55,9 @@ METHODS = {"znet": "nirst-znet", "ynet": "nirst-ynet"}
 LOSSES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}
 WARMUP_FRACTION = 0.02
+# Optode placement of the simulator (mesh.optode_angles): optode i at 2*pi*i/N counter-clockwise from +x.
+OPTODE_ANGLE_OFFSET_DEG = float(DEFAULT_ANGLE_OFFSET_DEG)
+OPTODE_WINDING = str(DEFAULT_WINDING)
 
 
 def build_network(arch: str, n_optodes: int, n_wavelengths: int,
@@ -120,6 +128,7 @@ def train_network(
     net_config: Optional[Dict[str, Any]] = None,
     log: Optional[Callable[[str], None]] = None,
     export: Optional[Path | str] = None,
+    init_from: Optional[Path | str] = None,
 ) -> Dict[str, Any]:
     """Train, checkpoint (``out_dir/best.pt``, ``last.pt``), test; returns a summary dict.
 
@@ -127,6 +136,7 @@ def train_network(
     from ``out_dir/last.pt`` if present (same data and settings expected; ``max_minutes`` counts
     the training time of the earlier sessions too).  ``export`` also
     writes the best weights in half precision with the full header (the shippable file).
+    ``init_from``: a checkpoint of the same architecture to fine-tune (its normalisation is kept).
     """
     if arch not in ARCHITECTURES:
         raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -145,7 +155,9 @@ def train_network(
     train_rows, val_rows, test_rows = split_indices(len(dataset["measurements"]), split_seed)
     device = select_device(device)
     seed_everything(seed)
-    normalisation = Normalisation.fit(dataset, train_rows)
+    initial = _initial_checkpoint(init_from, arch, n_optodes, wavelengths)
+    normalisation = (Normalisation.from_tensors(initial.extra_tensors) if initial is not None
+                     else Normalisation.fit(dataset, train_rows))
     train_set = NirstDataset(dataset, train_rows, normalisation)
     val_set = NirstDataset(dataset, val_rows, normalisation)
     train_s, train_m, train_t = _place(train_set, device)
@@ -155,7 +167,13 @@ def train_network(
         f"({(train_set.nbytes + val_set.nbytes) / 2**20:.0f} MiB),"
         f" prepared in {time.perf_counter() - began:.1f} s")
 
-    model = build_network(arch, n_optodes, len(wavelengths), net_config).to(device)
+    if initial is not None:
+        net_config = dict(initial.header["config"].get("net_config") or {})
+    model = build_network(arch, n_optodes, len(wavelengths), net_config)
+    if initial is not None:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in initial.state_dict.items()})
+        say(f"initialised from {init_from} (its normalisation kept)")
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
@@ -165,6 +183,9 @@ def train_network(
     config = {"arch": arch, "net_config": dict(net_config or {}), "n_optodes": n_optodes,
               "n_wavelengths": len(wavelengths), "wavelengths_nm": wavelengths,
               "grid_size": int(dataset["maps"].shape[-1]), "diameter_mm": float(meta.get("diameter_mm", 82.0)),
+              "optode_angle_offset_deg": OPTODE_ANGLE_OFFSET_DEG, "optode_winding": OPTODE_WINDING,
+              "distribution": str(meta.get("distribution", "paper")),
+              "init_from": None if init_from is None else Path(init_from).name,
               "split_seed": int(split_seed), "split_fractions": list(SPLIT_FRACTIONS), "loss": loss, "lr": lr,
               "batch_size": batch_size, "epochs": epochs, "schedule": schedule, "seed": seed,
               "parameters": int(sum(p.numel() for p in model.parameters()))}
@@ -236,6 +257,18 @@ def train_network(
 
     return _finish(run, model, dataset, normalisation, test_rows, device, batch_size, stopped_by,
                    elapsed(), train_rows, export, say)
+
+
+def _initial_checkpoint(path: Optional[Path | str], arch: str, n_optodes: int, wavelengths: list) -> Any:
+    """The checkpoint to fine-tune from (checked against the data), or None."""
+    if path is None:
+        return None
+    checkpoint = load_checkpoint(Path(path), method=METHODS[arch])
+    config = checkpoint.header.get("config", {})
+    if int(config.get("n_optodes", n_optodes)) != n_optodes or \
+            [int(w) for w in config.get("wavelengths_nm", wavelengths)] != list(wavelengths):
+        raise InputError(f"{path} was trained for other optodes/wavelengths than this dataset")
+    return checkpoint
 
 
 def _validation_loss(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor], signals: Tensor,

@@ -98,3 +98,69 @@ def test_demo_skips_without_the_shipped_checkpoint_and_runs_with_one(workspace, 
     assert any("HbT contrast" in line for line in lines) and any(line.startswith("water:") for line in lines)
     assert (workspace.path / "demo" / "nirst_reconstruction.png").is_file()
     assert (workspace.path / "demo" / "nirst_HbT_uM.nrrd").is_file()
+
+
+@pytest.fixture(scope="module")
+def example_files(workspace):
+    """A simulated example as files: 16- and 8-optode measurements, x1000 data, a reference, MRI, mask."""
+    from deepimaging.nirst.calibration import homogeneous_amplitudes
+    from deepimaging.nirst.forward import measurement_subset
+
+    folder = workspace.path / "example"
+    folder.mkdir(exist_ok=True)
+    measurements, mri, truth = simulate_example(seed=6)
+    recon.write_measurements(folder / "m16.csv", measurements)
+    recon.write_measurements(folder / "m8.csv", measurements[measurement_subset(16, range(0, 16, 2))], n_optodes=8)
+    recon.write_measurements(folder / "x1000.csv", measurements * 1000)
+    recon.write_measurements(folder / "reference.csv", homogeneous_amplitudes() * 1000)
+    write_image(mri, folder / "mri.nrrd")
+    write_image(mri.with_array(truth["inclusion_mask"][None].astype(np.uint8)), folder / "mask.nrrd")
+    return SimpleNamespace(path=folder, mri=mri, checkpoint=str(workspace.path / "znet.pt"))
+
+
+def run_reconstruct(files, measurements, out, *extra):
+    return main(["nirst", "reconstruct", "--measurements", str(files.path / measurements),
+                 "--mri", str(files.path / "mri.nrrd"), "--out-dir", str(files.path / out), "--device", "cpu",
+                 "--checkpoint", files.checkpoint, *extra])
+
+
+def test_reconstruct_with_dri(example_files, capsys):
+    assert run_reconstruct(example_files, "m16.csv", "dri", "--method", "dri", "--dri-element-size", "5",
+                           "--dri-iterations", "2", "--inclusion-mask", str(example_files.path / "mask.nrrd")) == 0
+    out = capsys.readouterr().out
+    assert "reconstructed with DRI" in out and "optodes: 82 mm ring, 16 optodes" in out
+    contrast = float(out.split("HbT contrast inside / outside the mask:")[1].split()[0])
+    assert contrast > 1.1  # inclusions hold 1.25-2.5x the background HbT
+    hbt = read_image(example_files.path / "dri" / "HbT_uM.nrrd")
+    assert hbt.same_grid(example_files.mri) and hbt.array.max() > 0
+
+
+def test_reconstruct_an_8_optode_file(example_files, capsys):
+    assert run_reconstruct(example_files, "m8.csv", "z8") == 0
+    assert "8 optodes on a 16-optode network" in capsys.readouterr().out
+    assert read_image(example_files.path / "z8" / "water_pct.nrrd").same_grid(example_files.mri)
+    assert run_reconstruct(example_files, "m8.csv", "d8", "--method", "dri", "--dri-element-size", "5",
+                           "--dri-iterations", "1") == 0
+    assert "optodes: 82 mm ring, 8 optodes" in capsys.readouterr().out  # an 8-optode mesh, nothing interpolated
+    assert read_image(example_files.path / "d8" / "HbO_uM.nrrd").array.max() > 0
+
+
+def test_reconstruct_calibration_flags(example_files, capsys):
+    assert run_reconstruct(example_files, "x1000.csv", "never") == 2
+    err = capsys.readouterr().err
+    assert "not on the model's absolute scale" in err and "--reference FILE" in err
+    assert run_reconstruct(example_files, "m16.csv", "plain") == 0
+    assert run_reconstruct(example_files, "x1000.csv", "calibrated", "--reference",
+                           str(example_files.path / "reference.csv"), "--reference-medium", "14", "7", "40") == 0
+    assert "reference phantom" in capsys.readouterr().out
+    for name in ("HbO_uM", "water_pct"):
+        np.testing.assert_allclose(read_image(example_files.path / "calibrated" / f"{name}.nrrd").array,
+                                   read_image(example_files.path / "plain" / f"{name}.nrrd").array,
+                                   rtol=1e-4, atol=1e-4)
+    assert run_reconstruct(example_files, "x1000.csv", "background", "--background", "14", "7", "40",
+                           "--per-optode-coupling") == 0
+    assert run_reconstruct(example_files, "x1000.csv", "bad", "--reference",
+                           str(example_files.path / "reference.csv")) == 2
+    assert "--reference needs the phantom's properties" in capsys.readouterr().err
+    assert run_reconstruct(example_files, "m16.csv", "wide", "--diameter", "90") == 2
+    assert "use --method dri" in capsys.readouterr().err

@@ -73,6 +73,10 @@ def test_training_learns_and_writes_complete_checkpoints(dataset, tmp_path):
     config = best.header["config"]
     assert config["wavelengths_nm"] == list(WAVELENGTHS_NM) and config["n_optodes"] == 16
     assert config["net_config"] == TINY_ZNET and config["split_seed"] == 0
+    # Geometry keys the reconstructor reads (optode 0 on +x, counter-clockwise: mesh.optode_angles).
+    assert {"arch", "n_optodes", "wavelengths_nm", "grid_size", "diameter_mm"} <= set(config)
+    assert config["optode_angle_offset_deg"] == 0.0 and config["optode_winding"] == "ccw"
+    assert config["distribution"] == "paper" and config["init_from"] is None
     assert best.header["training"]["n_phantoms"] == 200 and best.header["training"]["device"] == "cpu"
     assert best.header["training"]["epochs_run"] == 5 and best.header["training"]["wall_time_s"] > 0
     metrics = best.header["metrics"]
@@ -82,6 +86,22 @@ def test_training_learns_and_writes_complete_checkpoints(dataset, tmp_path):
     assert {"normalizer.mean", "normalizer.std", "normalizer.log_reference", "target_scale"} <= set(best.extra_tensors)
     exported = load_checkpoint(tmp_path / "export.pt", method="nirst-znet")
     assert all(v.dtype == torch.float16 for v in exported.state_dict.values() if v.is_floating_point())
+
+
+def test_fine_tuning_starts_from_the_checkpoint(dataset, tmp_path):
+    small = {k: (v if k == "meta" else v[:48]) for k, v in dataset.items()}  # keeps this test short
+    first = train_network(small, arch="znet", out_dir=tmp_path / "a", epochs=1, batch_size=32, device="cpu",
+                          net_config=TINY_ZNET, export=tmp_path / "a.pt")
+    lines = []
+    tuned = train_network(small, arch="znet", out_dir=tmp_path / "b", epochs=1, batch_size=32, device="cpu",
+                          lr=1e-4, init_from=tmp_path / "a.pt", log=lines.append)
+    assert any("initialised from" in line for line in lines)
+    header = load_checkpoint(tmp_path / "b" / "best.pt", method="nirst-znet").header
+    assert header["config"]["net_config"] == TINY_ZNET and header["config"]["init_from"] == "a.pt"
+    # The checkpoint's normalisation is kept, and a small lr starts near the first run's loss.
+    assert header["preprocessing"]["target_scale"] == load_checkpoint(tmp_path / "a.pt").header[
+        "preprocessing"]["target_scale"]
+    assert tuned["history"][0]["val_loss"] < 1.5 * first["history"][0]["val_loss"]
 
 
 def test_resume_continues_from_last_epoch(dataset, tmp_path):
