@@ -490,3 +490,16 @@ def test_panel_options_for_dri_with_background_calibration(phantom):
     panel.calibrationMode = "reference"
     with pytest.raises(InputError, match="needs the reference measurement file"):
         logic.panelOptions(panel)
+
+
+def test_panel_notes_warn_when_mri_and_optics_disagree(headless_slicer):
+    """An MRI-only lesion: the shipped Z-Net invents contrast, and the result's notes say to check with DRI."""
+    from deepimaging.nirst.robustness_eval import robustness_cases, simulate_cases
+
+    logic = NIRSTReconLogic()
+    for name, warned in (("standard", False), ("mri_only", True)):
+        case = robustness_cases((name,))[0]
+        amplitudes = simulate_cases([case])[0]
+        mri = nodes.volumeNodeFromImage(Image(case["mri"][np.newaxis], (0.82, 0.82, 1.0)), f"MRI {name}")
+        result = logic.reconstruct(amplitudes, mri, device="cpu")
+        assert any("may disagree" in note and "DRI" in note for note in result.notes) == warned, result.notes

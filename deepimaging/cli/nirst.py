@@ -145,6 +145,10 @@ def register(methods: argparse._SubParsersAction) -> None:
                      help="with --background: also fit a coupling factor per source and per detector")
     cal.add_argument("--no-scale-check", action="store_true",
                      help="reconstruct even when the amplitudes are far off the model's scale")
+    rec.add_argument("--expected-noise", type=float, default=0.02, metavar="FRACTION",
+                     help="Z-Net data-consistency check: the measurement noise to expect (default 0.02, the "
+                          "simulations'); a data misfit of the maps above 2.5x this warns that MRI and optics "
+                          "disagree; 0 turns the check off")
     rec.add_argument("--dri-element-size", type=float, default=2.5, metavar="MM", help="DRI mesh size (default 2.5)")
     rec.add_argument("--dri-iterations", type=int, default=6, help="DRI Gauss-Newton iterations (default 6)")
     rec.add_argument("--inclusion-mask", type=Path, default=None,
@@ -284,7 +288,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
                              winding=args.winding, disk_centre_lps=centre, disk_centre_ijk=args.disk_centre_ijk,
                              calibration=calibration, scale_check=not args.no_scale_check,
                              dri_element_size_mm=args.dri_element_size, dri_iterations=args.dri_iterations,
-                             progress=progress)
+                             expected_noise=args.expected_noise, progress=progress)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, image in output.maps.items():

@@ -14,11 +14,14 @@ Steps (the CLI ``deepimaging nirst reconstruct`` and the NIRSTRecon module both 
    network: the missing pairs interpolated in source and detector angle, as in the evaluation);
    DRI: a mesh and forward model built for the user's ring, fitted relative to the simulator's
    homogeneous model (seconds; progress and cancel);
-5. the maps written back on the MRI's grid.
+5. Z-Net: the data-consistency check (:mod:`~.consistency`): the maps go through the forward
+   model and a misfit far above the noise warns that the MRI prior and the optics disagree;
+6. the maps written back on the MRI's grid.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -28,6 +31,7 @@ from deepimaging.core.errors import InputError
 from deepimaging.core.image import Image
 from deepimaging.core.progress import CancelToken, ProgressCallback, check_cancel, report, sub_progress
 
+from .consistency import EXPECTED_NOISE, data_misfit, misfit_verdict
 from .calibration import DEFAULT_MEDIUM, Calibration, calibrate, check_scale, homogeneous_amplitudes
 from .geometry import (DiskFrame, OptodeGeometry, disk_frame, infer_n_optodes, maps_to_image, match_geometry,
                        resample_mri)
@@ -49,6 +53,7 @@ class ReconstructionOutput:
     geometry: OptodeGeometry
     frame: DiskFrame
     notes: List[str] = field(default_factory=list)
+    misfit: Optional[float] = None  # Z-Net: RMS log data misfit of its maps (consistency.data_misfit)
 
 
 def check_amplitudes(values: np.ndarray, expected: int, layout: str) -> np.ndarray:
@@ -92,14 +97,16 @@ def reconstruct(measurements: np.ndarray, mri: Image, method: str = "znet", chec
                 calibration: Optional[Calibration] = None, scale_check: bool = True,
                 wavelengths: Sequence[int] = WAVELENGTHS_NM,
                 dri_element_size_mm: float = DEFAULT_DRI_ELEMENT_SIZE_MM, dri_iterations: int = DEFAULT_DRI_ITERATIONS,
-                progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None
+                expected_noise: float = EXPECTED_NOISE, progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None
                 ) -> ReconstructionOutput:
     """Reconstruct HbO/Hb/water/HbT/StO2 on the grid of ``mri`` (2D or a single slice).
 
     ``geometry`` and the single fields after it describe the user's optode ring (module
     docstring); ``disk_centre_lps`` is a physical point (LPS mm) or ``disk_centre_ijk`` a pixel
     (i, j) of the slice (default: its centre).  ``scale_check=False`` skips the refusal of data
-    far off the model's scale.
+    far off the model's scale.  Z-Net maps that leave a data misfit above
+    ``consistency.WARNING_RATIO`` x ``expected_noise`` raise a ``UserWarning`` (MRI and optics
+    disagree; check with DRI); ``expected_noise=0`` skips that check.
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose znet or dri")
@@ -136,8 +143,9 @@ def reconstruct(measurements: np.ndarray, mri: Image, method: str = "znet", chec
         i, j = (float(c) for c in disk_centre_ijk)
         centre = (mri.ijk_to_lps() @ [i, j, 0.0, 1.0])[:3]
     check_cancel(cancel)
+    misfit = None
     if rec is not None:
-        grid_maps, frame = _znet(rec, values, mri, user, centre, wavelengths, notes)
+        grid_maps, frame, misfit = _znet(rec, values, mri, user, centre, wavelengths, notes, expected_noise)
     else:
         grid_maps, frame = _dri(values, mri, user, centre, wavelengths, dri_element_size_mm, dri_iterations,
                                 sub_progress(progress, 0.05, 0.95), cancel)
@@ -146,12 +154,12 @@ def reconstruct(measurements: np.ndarray, mri: Image, method: str = "znet", chec
     maps = derived_maps(grid_maps)
     images = maps_to_image(maps, mri, frame, user.diameter_mm)
     report(progress, 1.0, "done")
-    return ReconstructionOutput(images, maps, method, user, frame, notes)
+    return ReconstructionOutput(images, maps, method, user, frame, notes, misfit)
 
 
 def _znet(rec: Any, values: np.ndarray, mri: Image, user: OptodeGeometry, centre: Optional[Sequence[float]],
-          wavelengths: Sequence[int], notes: List[str]):
-    """Z-Net/Y-Net maps (3, grid, grid) in the network's frame, and that frame."""
+          wavelengths: Sequence[int], notes: List[str], expected_noise: float = EXPECTED_NOISE):
+    """Z-Net/Y-Net maps (3, grid, grid) in the network's frame, that frame and the data misfit."""
     channels = match_geometry(user, rec.geometry)
     if not channels.is_identity:
         notes.append(f"mapped onto the network's ring ({rec.geometry.describe()}): user optode k -> network optode "
@@ -162,7 +170,8 @@ def _znet(rec: Any, values: np.ndarray, mri: Image, user: OptodeGeometry, centre
     image = rec.check_mri(resample_mri(mri, frame, rec.diameter_mm, rec.grid_size))
     if channels.step == 1:
         full, _ = channels.network_layout(values, len(wavelengths))
-        return rec.reconstruct_batch(full[None], image[None])[0], frame
+        maps = rec.reconstruct_batch(full[None], image[None])[0]
+        return maps, frame, _check_consistency(full, maps, rec, wavelengths, None, expected_noise, notes)
     import torch
 
     from .evaluate import fill_missing_optodes
@@ -176,7 +185,26 @@ def _znet(rec: Any, values: np.ndarray, mri: Image, user: OptodeGeometry, centre
     signals = flatten_measurements(fill_missing_optodes(grid, channels.step))
     notes.append(f"{user.n_optodes} optodes on a {rec.n_optodes}-optode network: the missing pairs are "
                  "interpolated in source and detector angle")
-    return rec.predict_normalised(signals, images)[0], frame
+    maps = rec.predict_normalised(signals, images)[0]
+    return maps, frame, _check_consistency(full, maps, rec, wavelengths, known, expected_noise, notes)
+
+
+def _check_consistency(amplitudes: np.ndarray, maps: np.ndarray, rec: Any, wavelengths: Sequence[int],
+                       known: Optional[np.ndarray], expected_noise: float, notes: List[str]) -> Optional[float]:
+    """The data misfit of the network's maps; a note, or a UserWarning when MRI and optics disagree."""
+    if not expected_noise or expected_noise <= 0:
+        return None
+    standard = OptodeGeometry(n_optodes=rec.n_optodes)
+    if rec.geometry != standard or tuple(wavelengths) != tuple(WAVELENGTHS_NM):
+        notes.append("data consistency not checked: the forward model covers the default ring and wavelengths only")
+        return None
+    misfit = data_misfit(amplitudes, maps, rec.n_optodes, known)
+    disagrees, text = misfit_verdict(misfit, expected_noise)
+    if disagrees:
+        warnings.warn(text, UserWarning, stacklevel=3)
+    else:
+        notes.append(text)
+    return misfit
 
 
 def _dri(values: np.ndarray, mri: Image, user: OptodeGeometry, centre: Optional[Sequence[float]],
