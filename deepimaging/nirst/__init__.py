@@ -28,13 +28,16 @@ from .mesh import (
 from .optics import WAVELENGTHS_NM, absorption, reduced_scattering, spectral_matrix
 from .phantoms import CHROMOPHORES, Phantom, make_phantom
 from .simulate import load_dataset, save_dataset, shard_range, simulate_phantoms
+from .calibration import Calibration, Medium, calibrate, check_scale
+from .geometry import OptodeGeometry
 
 # Torch-dependent names, resolved lazily (PEP 562).
 _LAZY = {
     "train_network": "train", "evaluate": "evaluate", "NirstDataset": "data", "split_indices": "data",
     "DEFAULT_CHECKPOINT": "recon", "Reconstructor": "recon", "hbt_contrast": "recon",
     "load_reconstructor": "recon", "read_measurements": "recon", "reconstruct_image": "recon",
-    "simulate_example": "recon",
+    "simulate_example": "recon", "reconstruct": "pipeline", "ReconstructionOutput": "pipeline",
+    "data_misfit": "consistency", "robustness_evaluation": "robustness_eval",
 }
 
 
@@ -46,6 +49,15 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CHROMOPHORES",
+    "Calibration",
+    "Medium",
+    "OptodeGeometry",
+    "ReconstructionOutput",
+    "calibrate",
+    "check_scale",
+    "data_misfit",
+    "reconstruct",
+    "robustness_evaluation",
     "DEFAULT_CHECKPOINT",
     "DRIReconstructor",
     "DRIResult",
