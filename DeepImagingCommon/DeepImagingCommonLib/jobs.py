@@ -168,3 +168,60 @@ class CommandJob:
         tail = [line for line in self.output if line.strip() and not self.isNoise(line)][-8:]
         code = self._process.returncode if self._process is not None else None
         return "\n".join(tail) or f"{self.status.stage} stopped with exit code {code}"
+
+
+class ProgressStatus:
+    """Status of a one-child job that reports ``PROGRESS <fraction> <message>`` lines."""
+
+    def __init__(self, stage="starting", fraction=0.0, message="", summary="", error=""):
+        self.stage = stage
+        self.fraction = fraction
+        self.message = message
+        self.summary = summary  # the CLI's closing line (e.g. "trained ... in ... s; ...")
+        self.error = error
+
+    def text(self):
+        if self.stage == "done":
+            return self.summary or "Done" + (f": {self.message}" if self.message else "")
+        if self.stage in ("failed", "cancelled"):
+            return self.stage.capitalize()
+        return self.message or "Starting the training process"
+
+
+def parseProgressStatusLine(line, status, summaryPrefixes=("trained ",)):
+    """Update a :class:`ProgressStatus` from one output line; True if it was a progress line."""
+    parsed = process.parseProgressLine(line)
+    if parsed is not None:
+        status.stage = "training"
+        status.fraction, message = parsed
+        if message:
+            status.message = message
+        return True
+    if process.ERROR_PREFIX in line:
+        status.error = line.split(process.ERROR_PREFIX, 1)[1].strip()
+    elif line.startswith(tuple(summaryPrefixes)):
+        status.summary = line.strip()
+    return False
+
+
+class ProgressCommandJob(CommandJob):
+    """One CLI child (``command``) whose progress arrives as PROGRESS lines (the child environment
+    asks for them); the line starting with one of ``summaryPrefixes`` is kept as the summary."""
+
+    summaryPrefixes = ("trained ",)
+
+    def __init__(self, command, outputFolder, env=None, cleanupFolder=None, cpuOnly=False):
+        super().__init__([("training", command)], outputFolder, env=env, cleanupFolder=cleanupFolder,
+                         cpuOnly=cpuOnly)
+
+    @property
+    def command(self):
+        return self.steps[0][1]
+
+    def newStatus(self):
+        return ProgressStatus()
+
+    def parseLine(self, line, stageRange):
+        if parseProgressStatusLine(line, self.status, self.summaryPrefixes) or not line.strip():
+            return None
+        return line.rstrip()

@@ -7,11 +7,10 @@ timer, Cancel kills the whole process tree) starts the CLI and turns its ``PROGR
 Qt-free, like the rest of GLSSegmentLib.
 """
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from DeepImagingCommonLib import process
-from DeepImagingCommonLib.jobs import CommandJob
+from DeepImagingCommonLib.jobs import ProgressCommandJob, ProgressStatus, parseProgressStatusLine
 from deepimaging.core.errors import InputError
 
 ERROR_PREFIX = process.ERROR_PREFIX
@@ -39,58 +38,16 @@ def trainingCommand(dataFolder, outputFolder, architecture="gls", epochs=100, ke
     return command + [str(argument) for argument in extraArguments]
 
 
-@dataclass
-class TrainingStatus:
-    """What the panel shows about a running job."""
-
-    stage: str = "starting"
-    fraction: float = 0.0
-    message: str = ""
-    summary: str = ""  # the CLI's closing "trained ... in ... s; last validation Dice ..." line
-    error: str = ""
-
-    def text(self):
-        if self.stage == "done":
-            return self.summary or "Done" + (f": {self.message}" if self.message else "")
-        if self.stage in ("failed", "cancelled"):
-            return self.stage.capitalize()
-        return self.message or "Starting the training process"
+TrainingStatus = ProgressStatus
 
 
 def parseTrainingLine(line, status):
     """Update ``status`` from one output line of ``deepimaging gls train``; True if it was a progress line."""
-    parsed = process.parseProgressLine(line)
-    if parsed is not None:
-        status.stage = "training"
-        status.fraction, message = parsed
-        if message:
-            status.message = message
-        return True
-    if ERROR_PREFIX in line:
-        status.error = line.split(ERROR_PREFIX, 1)[1].strip()
-    elif line.startswith("trained "):
-        status.summary = line.strip()
-    return False
+    return parseProgressStatusLine(line, status, ("trained ",))
 
 
-
-class TrainingJob(CommandJob):
+class TrainingJob(ProgressCommandJob):
     """One ``deepimaging gls train`` child; the caller polls it (GUI timer) or waits (scripts, tests)."""
 
     name = "GLSSegment"
-
-    def __init__(self, command, outputFolder, env=None, cleanupFolder=None, cpuOnly=False):
-        super().__init__([("training", command)], outputFolder, env=env, cleanupFolder=cleanupFolder,
-                         cpuOnly=cpuOnly)
-
-    @property
-    def command(self):
-        return self.steps[0][1]
-
-    def newStatus(self):
-        return TrainingStatus()
-
-    def parseLine(self, line, stageRange):
-        if parseTrainingLine(line, self.status) or not line.strip():
-            return None
-        return line.rstrip()
+    summaryPrefixes = ("trained ",)

@@ -8,13 +8,12 @@ Scene pairs are exported first (:mod:`.export`) into a temporary folder that the
 when it ends.  Qt-free.
 """
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from DeepImagingCommonLib import process
 from DeepImagingCommonLib.dependencies import requireModuleDependencies
 from DeepImagingCommonLib.inputs import isPathSet, requireDevice
-from DeepImagingCommonLib.jobs import CommandJob
+from DeepImagingCommonLib.jobs import ProgressCommandJob, ProgressStatus, parseProgressStatusLine
 from deepimaging.core.errors import InputError
 
 from . import export
@@ -46,60 +45,20 @@ def trainingCommand(dataFolder, outputFolder, dim=2, epochs=30, device=None, ext
     return command + [str(argument) for argument in extraArguments]
 
 
-@dataclass
-class TrainingStatus:
-    """What the panel shows about a running job."""
-
-    stage: str = "starting"
-    fraction: float = 0.0
-    message: str = ""
-    summary: str = ""  # the CLI's closing "wrote RUN/best.pt" line
-    error: str = ""
-
-    def text(self):
-        if self.stage == "done":
-            return self.summary or "Done" + (f": {self.message}" if self.message else "")
-        if self.stage in ("failed", "cancelled"):
-            return self.stage.capitalize()
-        return self.message or "Starting the training process"
+TrainingStatus = ProgressStatus
 
 
 def parseTrainingLine(line, status):
-    """Update ``status`` from one output line of ``deepimaging levelset train``; True for a progress line."""
-    parsed = process.parseProgressLine(line)
-    if parsed is not None:
-        status.stage = "training"
-        status.fraction, message = parsed
-        if message:
-            status.message = message
-        return True
-    if ERROR_PREFIX in line:
-        status.error = line.split(ERROR_PREFIX, 1)[1].strip()
-    elif line.startswith(WROTE_PREFIX):
-        status.summary = line.strip()
-    return False
+    """Update ``status`` from one output line of ``deepimaging levelset train``; True if it was a progress line."""
+    return parseProgressStatusLine(line, status, (WROTE_PREFIX,))
 
 
-class TrainingJob(CommandJob):
+class TrainingJob(ProgressCommandJob):
     """One ``deepimaging levelset train`` child; the caller polls it (GUI timer) or waits (scripts, tests)."""
 
     name = "LevelSetRefine"
+    summaryPrefixes = (WROTE_PREFIX,)
 
-    def __init__(self, command, outputFolder, env=None, cleanupFolder=None, cpuOnly=False):
-        super().__init__([("training", command)], outputFolder, env=env, cleanupFolder=cleanupFolder,
-                         cpuOnly=cpuOnly)
-
-    @property
-    def command(self):
-        return self.steps[0][1]
-
-    def newStatus(self):
-        return TrainingStatus()
-
-    def parseLine(self, line, stageRange):
-        if parseTrainingLine(line, self.status) or not line.strip():
-            return None
-        return line.rstrip()
 
 
 def startTraining(outputFolder, dataFolder=None, pairs=None, dim=2, epochs=30, device="auto", progress=None,
