@@ -33,3 +33,20 @@ def requireCheckpointPath(path, method):
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
+
+
+def requireTrainingFolder(folder, layout):
+    """A training folder on disk as a ``Path``, after a quick check that it has images/ and masks/.
+
+    ``layout`` describes the expected files in the error message.  The full check is the
+    library's, in the training process; this one catches a wrong folder before a process starts.
+    """
+    if not isPathSet(folder):
+        raise InputError("no training data folder selected")
+    folder = Path(str(folder)).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"training data folder not found: {folder}")
+    missing = [sub for sub in ("images", "masks") if not (folder / sub).is_dir()]
+    if missing:
+        raise InputError(f"{folder} has no {' and no '.join(sub + '/' for sub in missing)} folder; {layout}")
+    return folder

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from DeepImagingCommonLib import jobs, nodes
+from DeepImagingCommonLib.inputs import requireTrainingFolder
 from deepimaging.core.errors import InputError
 from deepimaging.core.progress import report
 
@@ -158,22 +159,10 @@ def exportTrainingData(pairs, folder, progress=None):
 
 
 def checkDataFolder(folder):
-    """A training folder on disk as a ``Path``, after a quick check of its layout.
-
-    The full check (matching names, sizes, mask values, keypoints.csv) is the library's, in the
-    training process; this one catches a wrong folder before a process is started.
-    """
-    if folder is None or str(folder).strip() in ("", "."):  # what an empty path widget gives
-        raise InputError("no training data folder selected")
-    folder = Path(str(folder)).expanduser()
-    if not folder.is_dir():
-        raise InputError(f"training data folder not found: {folder}")
-    missing = [sub for sub in ("images", "masks") if not (folder / sub).is_dir()]
-    if missing:
-        raise InputError(f"{folder} has no {' and no '.join(sub + '/' for sub in missing)} folder; GLS trains from "
-                         "DIR/images/NAME.png|.nrrd|.nii.gz, DIR/masks/NAME.* (0/1 or 0/255) and optionally "
-                         "DIR/keypoints.csv (name,k,x,y)")
-    return folder
+    """A training folder on disk as a ``Path``, after a quick check of its layout (the full check
+    is the library's, in the training process)."""
+    return requireTrainingFolder(folder, "GLS trains from DIR/images/NAME.png|.nrrd|.nii.gz, DIR/masks/NAME.* "
+                                         "(0/1 or 0/255) and optionally DIR/keypoints.csv (name,k,x,y)")
 
 
 def temporaryFolder():

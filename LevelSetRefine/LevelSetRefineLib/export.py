@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from DeepImagingCommonLib import jobs, nodes
+from DeepImagingCommonLib.inputs import requireTrainingFolder
 from deepimaging.core.errors import InputError
 from deepimaging.core.progress import report
 
@@ -187,17 +188,9 @@ def exportTrainingData(pairs, folder, dim=2, progress=None):
 def checkDataFolder(folder):
     """A training folder on disk as a ``Path``, after a quick check of its layout (the full check
     is the library's, in the training process)."""
-    if folder is None or str(folder).strip() in ("", "."):  # what an empty path widget gives
-        raise InputError("no training data folder selected")
-    folder = Path(str(folder)).expanduser()
-    if not folder.is_dir():
-        raise InputError(f"training data folder not found: {folder}")
-    missing = [sub for sub in ("images", "masks") if not (folder / sub).is_dir()]
-    if missing:
-        raise InputError(f"{folder} has no {' and no '.join(sub + '/' for sub in missing)} folder; the learned "
-                         "refiner trains from DIR/images/NAME.nrrd|.nii.gz|.png, DIR/masks/NAME.* (the truth) and "
-                         "optionally DIR/coarse/NAME.* (rough segments to refine)")
-    return folder
+    return requireTrainingFolder(folder, "the learned refiner trains from DIR/images/NAME.nrrd|.nii.gz|.png, "
+                                         "DIR/masks/NAME.* (the truth) and optionally DIR/coarse/NAME.* (rough "
+                                         "segments to refine)")
 
 
 def temporaryFolder():

@@ -32,7 +32,7 @@ are in the network's frame); with 8 measured optodes only the measured pairs cou
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 

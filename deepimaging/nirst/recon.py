@@ -147,23 +147,11 @@ class Reconstructor:
 
     def check_measurements(self, measurements: np.ndarray) -> np.ndarray:
         """Validate one measurement vector: count, finiteness, positivity (clear InputErrors)."""
-        values = np.asarray(measurements, dtype=np.float64)
-        if values.ndim != 1:
-            values = values.squeeze()
-        if values.ndim != 1:
-            raise InputError(f"measurements must be a flat vector, got an array of shape {np.shape(measurements)}")
-        if values.size != self.n_measurements:
-            raise InputError(
-                f"expected {self.n_measurements} measurements ({len(self.wavelengths_nm)} wavelengths x "
-                f"{self.n_optodes} sources x {self.n_optodes - 1} detectors, the layout this checkpoint was "
-                f"trained on) but got {values.size}")
-        if not np.all(np.isfinite(values)):
-            raise InputError(f"{int(np.sum(~np.isfinite(values)))} measurement(s) are NaN or infinite")
-        bad = np.flatnonzero(values <= 0)
-        if bad.size:
-            raise InputError(f"{bad.size} amplitude(s) are zero or negative (first at index {bad[0]}); "
-                             "raw positive CW amplitudes are needed, not log data")
-        return values
+        from .pipeline import check_amplitudes
+
+        return check_amplitudes(measurements, self.n_measurements,
+                                f"{len(self.wavelengths_nm)} wavelengths x {self.n_optodes} sources x "
+                                f"{self.n_optodes - 1} detectors, the layout this checkpoint was trained on")
 
     def check_mri(self, mri: np.ndarray) -> np.ndarray:
         image = np.asarray(mri, dtype=np.float32)
