@@ -217,11 +217,6 @@ class GLSSegmentWidget(TrainingSectionMixin, ScriptedLoadableModuleWidget, VTKOb
         if self._trainingJob is None:
             self._enable(self.ui.trainButton, self._missingTrainingInputs(), _("Train in a background process"))
 
-    @staticmethod
-    def _enable(button, missing, toolTip) -> None:
-        button.enabled = not missing
-        button.toolTip = _("Select {missing}").format(missing=missing) if missing else toolTip
-
     def _missingInferenceInputs(self) -> str:
         missing, modelPath = [], self._parameterNode.modelPath
         if not GLSSegmentLib.isPathSet(modelPath) or not pathlib.Path(modelPath).is_file():
@@ -230,31 +225,11 @@ class GLSSegmentWidget(TrainingSectionMixin, ScriptedLoadableModuleWidget, VTKOb
             missing.append(_("an input volume"))
         return _(" and ").join(missing)
 
-    def _missingTrainingInputs(self) -> str:
-        parameters, missing = self._parameterNode, []
-        if parameters.trainingSource == TRAIN_FROM_SCENE:
-            if not self.ui.trainingSegmentationsComboBox.checkedNodes():
-                missing.append(_("segmentations to train on"))
-        elif not GLSSegmentLib.isPathSet(parameters.trainingFolder):
-            missing.append(_("a training data folder"))
-        if not GLSSegmentLib.isPathSet(parameters.outputFolder):
-            missing.append(_("an output folder"))
-        return _(" and ").join(missing)
-
     def _updateModelInfo(self) -> None:
         """Describe the chosen checkpoint (architecture, keypoints, input size) under its path."""
         if self._parameterNode.modelPath != self._shownModelPath:
             self._shownModelPath = self._parameterNode.modelPath
             self.ui.modelInfoLabel.text = GLSSegmentLib.modelDescription(self._shownModelPath)
-
-    def _updateTrainingSource(self) -> None:
-        fromScene = self._parameterNode.trainingSource == TRAIN_FROM_SCENE
-        for widget in (self.ui.trainingSegmentationsLabel, self.ui.trainingSegmentationsComboBox,
-                       self.ui.trainingPairsLabel):
-            widget.visible = fromScene
-        self.ui.trainingFolderLabel.visible = self.ui.trainingFolderLineEdit.visible = not fromScene
-        checked = self.ui.trainingSegmentationsComboBox.checkedNodes()
-        self.ui.trainingPairsLabel.text = GLSSegmentLib.describePairs(checked)
 
     def onApplyButton(self) -> None:
         """Run the segmentation, or cancel the one that is running."""

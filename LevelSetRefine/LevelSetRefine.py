@@ -249,11 +249,6 @@ class LevelSetRefineWidget(TrainingSectionMixin, ScriptedLoadableModuleWidget, V
         if self._trainingJob is None:
             self._enable(self.ui.trainButton, self._missingTrainingInputs(), _("Train in a background process"))
 
-    @staticmethod
-    def _enable(button, missing, toolTip) -> None:
-        button.enabled = not missing
-        button.toolTip = _("Select {missing}").format(missing=missing) if missing else toolTip
-
     def _updateMethod(self) -> None:
         """Show the classic parameters or the learned ones, and describe the chosen checkpoint."""
         learned = self._parameterNode.method == LevelSetRefineLib.METHOD_LEARNED
@@ -270,15 +265,6 @@ class LevelSetRefineWidget(TrainingSectionMixin, ScriptedLoadableModuleWidget, V
             # Describing a checkpoint loads it with torch: not before torch is installed.
             if installedTorchVersion() is not None:
                 self.ui.checkpointInfoLabel.text = LevelSetRefineLib.describeRefiner(self._shownCheckpoint)
-
-    def _updateTrainingSource(self) -> None:
-        fromScene = self._parameterNode.trainingSource == TRAIN_FROM_SCENE
-        for widget in (self.ui.trainingSegmentationsLabel, self.ui.trainingSegmentationsComboBox,
-                       self.ui.trainingPairsLabel):
-            widget.visible = fromScene
-        self.ui.trainingFolderLabel.visible = self.ui.trainingFolderLineEdit.visible = not fromScene
-        checked = self.ui.trainingSegmentationsComboBox.checkedNodes()
-        self.ui.trainingPairsLabel.text = LevelSetRefineLib.describePairs(checked)
 
     def _missingInputs(self) -> str:
         parameters, missing = self._parameterNode, []
@@ -300,17 +286,6 @@ class LevelSetRefineWidget(TrainingSectionMixin, ScriptedLoadableModuleWidget, V
             missing.append(_("a box (markups ROI)"))
         if not isPathSet(parameters.checkpointPath):
             missing.append(_("the learned method and its checkpoint"))
-        return _(" and ").join(missing)
-
-    def _missingTrainingInputs(self) -> str:
-        parameters, missing = self._parameterNode, []
-        if parameters.trainingSource == TRAIN_FROM_SCENE:
-            if not self.ui.trainingSegmentationsComboBox.checkedNodes():
-                missing.append(_("segmentations to train on"))
-        elif not isPathSet(parameters.trainingFolder):
-            missing.append(_("a training data folder"))
-        if not isPathSet(parameters.outputFolder):
-            missing.append(_("an output folder"))
         return _(" and ").join(missing)
 
     def onApplyButton(self) -> None:

@@ -233,11 +233,6 @@ class ROGSegmentWidget(TrainingSectionMixin, ScriptedLoadableModuleWidget, VTKOb
                 missing.append(_("a reference segmentation"))
             self._enable(self.ui.robustnessButton, _(" and ").join(missing), _("Attack the model on the input volume"))
 
-    @staticmethod
-    def _enable(button, missing, toolTip) -> None:
-        button.enabled = not missing
-        button.toolTip = _("Select {missing}").format(missing=missing) if missing else toolTip
-
     def _missingInferenceInputs(self) -> str:
         missing, modelPath = [], self._parameterNode.modelPath
         if not ROGSegmentLib.isPathSet(modelPath) or not pathlib.Path(modelPath).is_file():
@@ -246,31 +241,11 @@ class ROGSegmentWidget(TrainingSectionMixin, ScriptedLoadableModuleWidget, VTKOb
             missing.append(_("an input volume"))
         return _(" and ").join(missing)
 
-    def _missingTrainingInputs(self) -> str:
-        parameters, missing = self._parameterNode, []
-        if parameters.trainingSource == TRAIN_FROM_SCENE:
-            if not self.ui.trainingSegmentationsComboBox.checkedNodes():
-                missing.append(_("segmentations to train on"))
-        elif not ROGSegmentLib.isPathSet(parameters.trainingFolder):
-            missing.append(_("a training data folder"))
-        if not ROGSegmentLib.isPathSet(parameters.outputFolder):
-            missing.append(_("an output folder"))
-        return _(" and ").join(missing)
-
     def _updateModelInfo(self) -> None:
         """Describe the chosen checkpoint (labels, input, validation Dice) under its path."""
         if self._parameterNode.modelPath != self._shownModelPath:
             self._shownModelPath = self._parameterNode.modelPath
             self.ui.modelInfoLabel.text = ROGSegmentLib.modelDescription(self._shownModelPath)
-
-    def _updateTrainingSource(self) -> None:
-        fromScene = self._parameterNode.trainingSource == TRAIN_FROM_SCENE
-        for widget in (self.ui.trainingSegmentationsLabel, self.ui.trainingSegmentationsComboBox,
-                       self.ui.trainingPairsLabel):
-            widget.visible = fromScene
-        self.ui.trainingFolderLabel.visible = self.ui.trainingFolderLineEdit.visible = not fromScene
-        checked = self.ui.trainingSegmentationsComboBox.checkedNodes()
-        self.ui.trainingPairsLabel.text = ROGSegmentLib.describePairs(checked)
 
     def onApplyButton(self) -> None:
         """Run the segmentation, or cancel the one that is running."""

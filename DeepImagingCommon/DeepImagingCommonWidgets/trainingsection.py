@@ -10,6 +10,8 @@ Widget mixes it in and supplies what differs:
 * ``trainingOptions(parameters)``: keyword arguments of its Logic's ``startTraining``;
 * ``onTrainingSucceeded(job)``: what to do with ``job.bestCheckpoint``; returns the status text;
 * ``_setTraining(running)``: enable/disable its inputs (module-specific widgets);
+* ``trainingFolderLabel``, ``trainingSegmentationsLabel``, ``trainingPairsLabel`` in the ui and
+  ``describePairs`` in the Lib, for :meth:`TrainingSectionMixin._updateTrainingSource`;
 * the ui names ``trainButton``, ``trainingLogTextEdit``, ``trainingProgressBar``,
   ``trainingStatusLabel``, ``trainingSegmentationsComboBox``, the parameters
   ``trainingSource``, ``trainingFolder``, ``outputFolder`` and the attributes
@@ -40,6 +42,35 @@ class TrainingSectionMixin:
 
     def onTrainingSucceeded(self, job):
         raise NotImplementedError
+
+    @staticmethod
+    def _enable(button, missing, toolTip) -> None:
+        """Enable ``button`` when nothing is ``missing``, else say in its tooltip what to select."""
+        button.enabled = not missing
+        button.toolTip = _("Select {missing}").format(missing=missing) if missing else toolTip
+
+    def _missingTrainingInputs(self) -> str:
+        from DeepImagingCommonLib.inputs import isPathSet
+
+        parameters, missing = self._parameterNode, []
+        if parameters.trainingSource == TRAIN_FROM_SCENE:
+            if not self.ui.trainingSegmentationsComboBox.checkedNodes():
+                missing.append(_("segmentations to train on"))
+        elif not isPathSet(parameters.trainingFolder):
+            missing.append(_("a training data folder"))
+        if not isPathSet(parameters.outputFolder):
+            missing.append(_("an output folder"))
+        return _(" and ").join(missing)
+
+    def _updateTrainingSource(self) -> None:
+        """Show the scene-pair or the folder inputs, and describe the checked segmentations."""
+        fromScene = self._parameterNode.trainingSource == TRAIN_FROM_SCENE
+        for widget in (self.ui.trainingSegmentationsLabel, self.ui.trainingSegmentationsComboBox,
+                       self.ui.trainingPairsLabel):
+            widget.visible = fromScene
+        self.ui.trainingFolderLabel.visible = self.ui.trainingFolderLineEdit.visible = not fromScene
+        checked = self.ui.trainingSegmentationsComboBox.checkedNodes()
+        self.ui.trainingPairsLabel.text = self.trainingLib.describePairs(checked)
 
     def onTrainButton(self) -> None:
         """Start training in the background, or cancel the running job."""
