@@ -237,3 +237,30 @@ def resampleOrientedImage(orientedImageData, referenceOrientedImageData):
             orientedImageData, referenceOrientedImageData, output):
         raise InputError("could not resample the labelmap onto the image grid")
     return output
+
+
+def referenceVolume(segmentationNode):
+    """The volume a segmentation was drawn on (its reference geometry), or None."""
+    role = segmentationNode.GetReferenceImageGeometryReferenceRole()
+    volumeNode = segmentationNode.GetNodeReference(role)
+    return volumeNode if volumeNode is not None and volumeNode.IsA("vtkMRMLScalarVolumeNode") else None
+
+
+def requireReferenceVolume(segmentationNode):
+    """:func:`referenceVolume`, or an InputError saying how to link the segmentation to its volume."""
+    volumeNode = referenceVolume(segmentationNode)
+    if volumeNode is None:
+        raise InputError(f"segmentation '{segmentationNode.GetName()}' is not linked to a volume: select it in the "
+                         "Segment Editor with its source volume (or set its reference geometry) first")
+    return volumeNode
+
+
+def removeNode(node):
+    """Remove a node a Logic added (after a failure or cancel), with its display nodes."""
+    if node is None or node.GetScene() is None:
+        return
+    displayNodes = [node.GetNthDisplayNode(index) for index in range(node.GetNumberOfDisplayNodes())]
+    slicer.mrmlScene.RemoveNode(node)
+    for displayNode in displayNodes:
+        if displayNode is not None and displayNode.GetScene() is not None:
+            slicer.mrmlScene.RemoveNode(displayNode)

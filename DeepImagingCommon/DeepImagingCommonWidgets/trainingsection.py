@@ -38,10 +38,12 @@ class TrainingSectionMixin:
     trainingLib = None  # the module's Lib package (offers pairsFromSegmentations)
 
     def trainingOptions(self, parameters):
-        raise NotImplementedError
+        """Keyword arguments of the module Logic's ``startTraining`` (abstract: each panel has its own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define trainingOptions(parameters)")
 
     def onTrainingSucceeded(self, job):
-        raise NotImplementedError
+        """Use ``job.bestCheckpoint`` and return the status text (abstract: each panel has its own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define onTrainingSucceeded(job)")
 
     @staticmethod
     def _enable(button, missing, toolTip) -> None:

@@ -416,12 +416,4 @@ class GLSSegmentLogic:
         return job.start()
 
 
-def removeNode(node):
-    """Remove a node this Logic added, with its display and storage nodes."""
-    if node is None or node.GetScene() is None:
-        return
-    displayNodes = [node.GetNthDisplayNode(index) for index in range(node.GetNumberOfDisplayNodes())]
-    slicer.mrmlScene.RemoveNode(node)
-    for displayNode in displayNodes:
-        if displayNode is not None and displayNode.GetScene() is not None:
-            slicer.mrmlScene.RemoveNode(displayNode)
+removeNode = nodes.removeNode

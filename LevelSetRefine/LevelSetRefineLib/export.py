@@ -38,11 +38,7 @@ class TrainingData:
     skippedSlices: list = field(default_factory=list)  # ("volume name", slice index) without foreground
 
 
-def referenceVolume(segmentationNode):
-    """The volume a segmentation was drawn on (its reference geometry), or None."""
-    role = segmentationNode.GetReferenceImageGeometryReferenceRole()
-    volumeNode = segmentationNode.GetNodeReference(role)
-    return volumeNode if volumeNode is not None and volumeNode.IsA("vtkMRMLScalarVolumeNode") else None
+referenceVolume = nodes.referenceVolume
 
 
 def pairsFromSegmentations(segmentationNodes):
@@ -50,11 +46,7 @@ def pairsFromSegmentations(segmentationNodes):
     as the truth and its second one, if any, as the coarse segment to refine."""
     pairs = []
     for segmentationNode in segmentationNodes:
-        volumeNode = referenceVolume(segmentationNode)
-        if volumeNode is None:
-            raise InputError(
-                f"segmentation '{segmentationNode.GetName()}' is not linked to a volume: select it in the "
-                "Segment Editor with its source volume (or set its reference geometry) first")
+        volumeNode = nodes.requireReferenceVolume(segmentationNode)
         segmentIds = list(segmentationNode.GetSegmentation().GetSegmentIDs())
         if not 1 <= len(segmentIds) <= 2:
             raise InputError(f"segmentation '{segmentationNode.GetName()}' has {len(segmentIds)} segments; give it "

@@ -228,12 +228,4 @@ class LevelSetRefineLogic:
                                       device=device, progress=progress, extraArguments=extraArguments)
 
 
-def removeNode(node):
-    """Remove a node this Logic added, with its display nodes."""
-    if node is None or node.GetScene() is None:
-        return
-    displayNodes = [node.GetNthDisplayNode(index) for index in range(node.GetNumberOfDisplayNodes())]
-    slicer.mrmlScene.RemoveNode(node)
-    for displayNode in displayNodes:
-        if displayNode is not None and displayNode.GetScene() is not None:
-            slicer.mrmlScene.RemoveNode(displayNode)
+removeNode = nodes.removeNode

@@ -33,22 +33,14 @@ class TrainingData:
     cases: list
 
 
-def referenceVolume(segmentationNode):
-    """The volume a segmentation was drawn on (its reference geometry), or None."""
-    role = segmentationNode.GetReferenceImageGeometryReferenceRole()
-    volumeNode = segmentationNode.GetNodeReference(role)
-    return volumeNode if volumeNode is not None and volumeNode.IsA("vtkMRMLScalarVolumeNode") else None
+referenceVolume = nodes.referenceVolume
 
 
 def pairsFromSegmentations(segmentationNodes):
     """``[(volumeNode, segmentationNode)]``, each segmentation with the volume it was drawn on."""
     pairs = []
     for segmentationNode in segmentationNodes:
-        volumeNode = referenceVolume(segmentationNode)
-        if volumeNode is None:
-            raise InputError(
-                f"segmentation '{segmentationNode.GetName()}' is not linked to a volume: select it in the "
-                "Segment Editor with its source volume (or set its reference geometry) first")
+        volumeNode = nodes.requireReferenceVolume(segmentationNode)
         pairs.append((volumeNode, segmentationNode))
     return pairs
 
