@@ -69,13 +69,14 @@ class NIRSTReconParameterNode:
 
     measurementFile - CSV or NPZ file of the 2160 boundary amplitudes.
     inputVolume, sliceIndex - The MRI: a single slice, or a 3D volume and the slice the optodes measured.
-    method - znet (the network) or dri (model-based, seconds, with progress and Cancel).
+    method - znet (the network; robust training unless checkpointFile), znet-paper (the shipped
+        network trained on the paper-style set) or dri (model-based, seconds, progress and Cancel).
     ringDiameter, optodeOffset, winding - The optode ring (mm, degrees of optode 0, ccw/cw).
     diskCentre - Optional point list whose first point is the ring centre (else the slice centre).
     calibrationMode, referenceFile - none / reference (homogeneous phantom file) / background.
     mediumHbO, mediumHb, mediumWater - The reference phantom's or the background's chromophores.
     perOptodeCoupling - With background calibration, also fit per-optode coupling factors.
-    checkpointFile - Z-Net or Y-Net checkpoint; empty means the shipped Z-Net.
+    checkpointFile - Z-Net or Y-Net checkpoint for method znet; empty means the shipped Z-Net.
     device - Where the network runs: auto (GPU if available), cpu or cuda.
     segmentationNode, segmentId - Inclusion segment for the HbT contrast (set from the segment selector).
     hbtVolume - HbT map whose contrast "Compute contrast" reports (set after each reconstruction).
@@ -305,7 +306,8 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 result = self.logic.reconstruct(
                     parameters.measurementFile, parameters.inputVolume, sliceIndex=parameters.sliceIndex,
-                    checkpoint=parameters.checkpointFile, device=parameters.device,
+                    checkpoint=parameters.checkpointFile if parameters.method == "znet" else None,
+                    device=parameters.device,
                     segmentationNode=parameters.segmentationNode if withSegment else None,
                     segmentId=parameters.segmentId if withSegment else None,
                     progress=self._onReconstructionProgress, cancel=self._cancelToken, **options)
@@ -323,8 +325,8 @@ class NIRSTReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.setSliceViewerLayers(background=parameters.inputVolume, foreground=hbtNode,
                                              foregroundOpacity=0.6, fit=True)
             self._jumpToSlice(hbtNode)
-            model = ("DRI" if parameters.method == "dri"
-                     else (optionalPath(parameters.checkpointFile) or _("shipped Z-Net")))
+            model = {"dri": "DRI", "znet-paper": _("shipped Z-Net, paper training")}.get(
+                parameters.method, optionalPath(parameters.checkpointFile) or _("shipped Z-Net"))
             self.ui.statusLabel.text = _("Maps of slice {index} added ({model}, PyTorch {version}).").format(
                 index=result.sliceIndex, model=str(model), version=torch.__version__) + "\n" + "\n".join(result.notes)
             self._showContrast(result.hbtContrast)

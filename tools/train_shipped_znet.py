@@ -19,8 +19,9 @@ History of the shipped file:
 * first version (paper distribution, 10,000 phantoms, 87 epochs in 2.5 min on an H200):
   ``--distribution paper --phantoms 10000 --sim-minutes 4 --znet-minutes 3 --ynet-minutes 1.5``;
   it copied MRI intensity into the optical maps (issue #11);
-* the run for the robust distribution and its outcome are recorded in
-  ``docs/nirst/results.md`` (section "Robust training distribution").
+  it is kept as ``weights/znet_paper.pt`` (``--method znet-paper``);
+* the default since issue #11 (robust distribution, CPU fine-tunes from it on 6,000 phantoms,
+  no GPU lent): ``docs/nirst/results.md``, section "The shipped default".
 
 Each network's checkpoint header records the data, budget and test metrics of its run.
 """
@@ -86,10 +87,11 @@ def main() -> None:
                                init_from=args.init_from if arch == "znet" else None)
         summary[arch] = {k: v for k, v in result.items() if isinstance(v, (int, float, str, dict, list))}
     if not args.no_robustness and "znet" in args.archs:
-        from deepimaging.nirst.recon import DEFAULT_CHECKPOINT
+        from deepimaging.nirst.recon import DEFAULT_CHECKPOINT, PAPER_CHECKPOINT
         from deepimaging.nirst.robustness_eval import robustness_evaluation
 
-        networks = {"Z-Net (old)": DEFAULT_CHECKPOINT, "Z-Net (new)": args.out / "znet_default.pt"}
+        networks = {"Z-Net (paper training)": PAPER_CHECKPOINT, "Z-Net (shipped)": DEFAULT_CHECKPOINT,
+                    "Z-Net (new)": args.out / "znet_default.pt"}
         report = robustness_evaluation(networks, out_dir=args.out / "robustness", log=print)
         summary["robustness_checks"] = report["checks"]
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -40,7 +40,7 @@ PHANTOM_SEGMENTATION_NAME = "NIRST phantom inclusion"
 INCLUSION_SEGMENT_NAME = "Inclusion"
 DEVICES = ("auto", "cpu", "cuda")
 ARCHITECTURES = ("znet", "ynet")
-METHODS = ("znet", "dri")
+METHODS = ("znet", "znet-paper", "dri")  # deepimaging.nirst.pipeline.METHODS
 CALIBRATION_MODES = ("none", "reference", "background")
 WINDINGS = ("ccw", "cw")
 _EPOCH_PATTERN = re.compile(r"\bepoch\s+(\d+)\s*/\s*(\d+)", re.IGNORECASE)
@@ -163,10 +163,12 @@ class NIRSTReconLogic:
             16 optodes, 504 for 8).
         :param mriVolumeNode: scalar volume, a single slice or a 3D volume (then ``sliceIndex``
             picks the slice, middle by default; outputs are single-slice volumes at its position).
-        :param checkpoint: Z-Net/Y-Net checkpoint file; None or empty = the shipped Z-Net.
+        :param checkpoint: Z-Net/Y-Net checkpoint file for ``method="znet"``; None or empty = the
+            shipped Z-Net (robust training).
         :param device: ``"auto"``/None, ``"cpu"`` or ``"cuda"``.
         :param segmentationNode, segmentId: optional segment for the HbT contrast.
-        :param method: ``"znet"`` (the network) or ``"dri"`` (model-based, seconds).
+        :param method: ``"znet"`` (the network), ``"znet-paper"`` (the shipped Z-Net trained on the
+            paper-style distribution, which leans on MRI intensity) or ``"dri"`` (model-based, seconds).
         :param calibration: None or a ``deepimaging.nirst.calibration.Calibration`` (see :meth:`calibration`).
         :param geometry: None (the network's ring for Z-Net, the default ring for DRI) or a dict with
             ``diameter_mm``, ``angle_offset_deg``, ``winding`` (the optode count comes from the data).
@@ -183,6 +185,8 @@ class NIRSTReconLogic:
 
         if method not in METHODS:
             raise InputError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+        if optionalPath(checkpoint) is not None and method == "znet-paper":
+            raise InputError("a checkpoint file picks the network for method 'znet'; 'znet-paper' is the shipped one")
         startTime = time.time()
         values = self.readMeasurements(measurements)
         mri = nodes.imageFromVolumeNode(mriVolumeNode)
@@ -191,7 +195,7 @@ class NIRSTReconLogic:
         inclusionMask = None
         if segmentationNode is not None or segmentId:
             inclusionMask = self._segmentMaskOnSlice(segmentationNode, segmentId, mriVolumeNode, index)
-        reconstructor = self.reconstructor(optionalPath(checkpoint), device) if method == "znet" else None
+        reconstructor = self.reconstructor(optionalPath(checkpoint), device, method) if method != "dri" else None
         centre = None
         if diskCentreRAS is not None:
             r, a, s = (float(v) for v in diskCentreRAS)
@@ -274,17 +278,18 @@ class NIRSTReconLogic:
                              "phantom measured with the same system, same layout as the measurements)")
         return Calibration(chromophores, reference=self.readMeasurements(reference))
 
-    def reconstructor(self, checkpoint=None, device=None):
-        """The loaded network for ``checkpoint`` (None = shipped Z-Net), reused while the file is unchanged."""
-        from deepimaging.nirst.recon import DEFAULT_CHECKPOINT, load_reconstructor
+    def reconstructor(self, checkpoint=None, device=None, network="znet"):
+        """The loaded network for ``checkpoint`` (None = the shipped ``network``: ``"znet"`` or
+        ``"znet-paper"``), reused while the file is unchanged."""
+        from deepimaging.nirst.recon import load_reconstructor, shipped_checkpoint
 
         path = optionalPath(checkpoint)
-        resolved = (path or DEFAULT_CHECKPOINT).resolve()
+        resolved = (path or shipped_checkpoint(network)).resolve()
         if path is not None and not resolved.is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
         key = (str(resolved), resolved.stat().st_mtime if resolved.is_file() else None, deviceArgument(device))
         if self._reconstructorKey != key:
-            self._reconstructor = load_reconstructor(path, device=deviceArgument(device))
+            self._reconstructor = load_reconstructor(path or network, device=deviceArgument(device))
             self._reconstructorKey = key
         return self._reconstructor
 

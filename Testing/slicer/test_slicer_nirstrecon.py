@@ -290,6 +290,7 @@ def test_bad_input_gives_clear_errors_and_no_new_nodes(phantom, tiny_checkpoint,
     other_method = save_tiny_checkpoint(tmp_path / "method.pt", tiny_dataset, method="levelset-deep")
     fails(CheckpointError, "'levelset-deep' checkpoint; NIRST reconstruction needs", checkpoint=other_method)
     fails(InputError, "unknown device 'tpu'", device="tpu")
+    fails(InputError, "'znet-paper' is the shipped one", method="znet-paper")
     fails(InputError, "no segment of .* selected", segmentationNode=phantom.segmentationNode, segmentId="")
 
 
@@ -493,13 +494,18 @@ def test_panel_options_for_dri_with_background_calibration(phantom):
 
 
 def test_panel_notes_warn_when_mri_and_optics_disagree(headless_slicer):
-    """An MRI-only lesion: the shipped Z-Net invents contrast, and the result's notes say to check with DRI."""
+    """A lesion only the MRI or only the optics show: the result's notes say to check with DRI.
+
+    The paper-trained Z-Net invents the MRI-only lesion and misses the optics-only one; the
+    default (robust-trained) one gets the standard case right without a warning."""
     from deepimaging.nirst.robustness_eval import robustness_cases, simulate_cases
 
     logic = NIRSTReconLogic()
-    for name, warned in (("standard", False), ("mri_only", True)):
+    for name, method, warned in (("standard", "znet", False), ("optics_only", "znet-paper", True),
+                                 ("mri_only", "znet-paper", True)):
         case = robustness_cases((name,))[0]
         amplitudes = simulate_cases([case])[0]
         mri = nodes.volumeNodeFromImage(Image(case["mri"][np.newaxis], (0.82, 0.82, 1.0)), f"MRI {name}")
-        result = logic.reconstruct(amplitudes, mri, device="cpu")
+        result = logic.reconstruct(amplitudes, mri, device="cpu", method=method)
+        assert result.method == method
         assert any("may disagree" in note and "DRI" in note for note in result.notes) == warned, result.notes

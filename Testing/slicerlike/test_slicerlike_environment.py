@@ -11,7 +11,7 @@ MODULES = ("GLSSegment", "LevelSetRefine", "NIRSTRecon", "ROGSegment")
 def test_install_tree_holds_what_the_cmake_lists_install(install_tree):
     for relative in ("LevelSetRefine.py", "LevelSetRefineLib/logic.py", "DeepImagingCommonLib/dependencies.py",
                      "Resources/UI/ROGSegment.ui", "deepimaging/__init__.py", "deepimaging/rog/infer.py",
-                     "deepimaging/nirst/weights/znet_default.pt"):
+                     "deepimaging/nirst/weights/znet_default.pt", "deepimaging/nirst/weights/znet_paper.pt"):
         assert (install_tree / relative).is_file(), f"{relative} is not installed"
     assert not list(install_tree.rglob("test_*.py")), "tests must not be installed"
 

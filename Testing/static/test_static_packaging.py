@@ -42,4 +42,6 @@ def test_pip_package_data_covers_every_data_file():
 
 
 def test_the_shipped_weights_are_installed():
-    assert installed_files()["deepimaging/nirst/weights/znet_default.pt"].is_file()
+    files = installed_files()
+    for name in ("znet_default.pt", "znet_paper.pt"):  # robust training (default) and paper training
+        assert files[f"deepimaging/nirst/weights/{name}"].is_file()

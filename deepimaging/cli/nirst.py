@@ -111,9 +111,12 @@ def register(methods: argparse._SubParsersAction) -> None:
         description=RECONSTRUCT_DESCRIPTION)
     rec.add_argument("--measurements", type=Path, required=True, help=".csv, .txt, .npz (key 'amplitudes') or .npy")
     rec.add_argument("--mri", type=Path, required=True, help=f"MRI image ({', '.join(IMAGE_EXTENSIONS)})")
-    rec.add_argument("--method", choices=("znet", "dri"), default="znet",
-                     help="znet: the network (default, ~0.1 s); dri: MRI-guided model-based fit (seconds)")
-    rec.add_argument("--checkpoint", type=Path, default=None, help="Z-Net/Y-Net checkpoint (default: shipped Z-Net)")
+    rec.add_argument("--method", choices=("znet", "znet-paper", "dri"), default="znet",
+                     help="znet: the shipped Z-Net trained on the robust distribution (default, ~0.1 s) or "
+                          "--checkpoint; znet-paper: the shipped Z-Net trained on the paper-style distribution "
+                          "(leans on MRI intensity, see README); dri: MRI-guided model-based fit (seconds)")
+    rec.add_argument("--checkpoint", type=Path, default=None,
+                     help="Z-Net/Y-Net checkpoint file for --method znet (default: the shipped Z-Net)")
     rec.add_argument("--out-dir", type=Path, required=True)
     rec.add_argument("--format", choices=("nrrd", "nii.gz", "nii"), default="nrrd")
     rec.add_argument("--slice", type=int, default=None, help="slice index (k) of a 3D MRI")
@@ -250,13 +253,17 @@ def _calibration(args: argparse.Namespace):
 
 
 def run_robustness(args: argparse.Namespace) -> int:
-    from ..nirst.recon import DEFAULT_CHECKPOINT
+    from ..nirst.recon import DEFAULT_CHECKPOINT, PAPER_CHECKPOINT
     from ..nirst.robustness_eval import robustness_evaluation
 
     networks = {}
     if args.znet_old is not None:
         networks["Z-Net (old)"] = args.znet_old
-    networks["Z-Net"] = args.znet if args.znet is not None else DEFAULT_CHECKPOINT
+    if args.znet is not None:
+        networks["Z-Net"] = args.znet
+    else:  # both shipped networks
+        networks["Z-Net (paper training)"] = PAPER_CHECKPOINT
+        networks["Z-Net (robust training)"] = DEFAULT_CHECKPOINT
     if args.ynet is not None:
         networks["Y-Net"] = args.ynet
     result = robustness_evaluation(networks, out_dir=args.out, with_dri=not args.no_dri, device=args.device,
@@ -281,7 +288,11 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         r, a, s = args.disk_centre_ras
         centre = (-r, -a, s)  # RAS -> LPS
     began = time.perf_counter()
-    reconstructor = load_reconstructor(args.checkpoint, args.device) if args.method == "znet" else None
+    if args.checkpoint is not None and args.method == "znet-paper":
+        raise InputError("--checkpoint picks the network for --method znet; --method znet-paper is the shipped one")
+    reconstructor = None
+    if args.method != "dri":
+        reconstructor = load_reconstructor(args.checkpoint or args.method, args.device)
     with tqdm_progress(f"reconstructing ({args.method})") as progress:
         output = reconstruct(measurements, mri, method=args.method, reconstructor=reconstructor,
                              diameter_mm=args.diameter, n_optodes=args.n_optodes, angle_offset_deg=args.optode_offset,
@@ -295,7 +306,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         written.append(write_image(image, args.out_dir / f"{OUTPUT_FILE_NAMES[name]}.{args.format}"))
     for note in output.notes:
         print(note)
-    model = reconstructor.method if reconstructor is not None else "DRI"
+    model = f"{reconstructor.method} ({reconstructor.path.name})" if reconstructor is not None else "DRI"
     print(f"reconstructed with {model} in {time.perf_counter() - began:.2f} s; wrote "
           + ", ".join(p.name for p in written) + f" to {args.out_dir}")
     if args.inclusion_mask is not None:

@@ -34,7 +34,7 @@ from .geometry import OptodeGeometry
 # Torch-dependent names, resolved lazily (PEP 562).
 _LAZY = {
     "train_network": "train", "evaluate": "evaluate", "NirstDataset": "data", "split_indices": "data",
-    "DEFAULT_CHECKPOINT": "recon", "Reconstructor": "recon", "hbt_contrast": "recon",
+    "DEFAULT_CHECKPOINT": "recon", "SHIPPED_NETWORKS": "recon", "Reconstructor": "recon", "hbt_contrast": "recon",
     "load_reconstructor": "recon", "read_measurements": "recon", "reconstruct_image": "recon",
     "simulate_example": "recon", "reconstruct": "pipeline", "ReconstructionOutput": "pipeline",
     "data_misfit": "consistency", "robustness_evaluation": "robustness_eval",
@@ -59,6 +59,7 @@ __all__ = [
     "reconstruct",
     "robustness_evaluation",
     "DEFAULT_CHECKPOINT",
+    "SHIPPED_NETWORKS",
     "DRIReconstructor",
     "DRIResult",
     "DiffusionForwardModel",

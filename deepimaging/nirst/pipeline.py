@@ -31,14 +31,14 @@ from deepimaging.core.errors import InputError
 from deepimaging.core.image import Image
 from deepimaging.core.progress import CancelToken, ProgressCallback, check_cancel, report, sub_progress
 
-from .consistency import EXPECTED_NOISE, data_misfit, misfit_verdict
+from .consistency import EXPECTED_NOISE, data_misfit, misfit_verdict, reference_misfit
 from .calibration import DEFAULT_MEDIUM, Calibration, calibrate, check_scale, homogeneous_amplitudes
 from .geometry import (DiskFrame, OptodeGeometry, disk_frame, infer_n_optodes, maps_to_image, match_geometry,
                        resample_mri)
 from .mesh import DEFAULT_GRID_SIZE, disk_mask
 from .optics import WAVELENGTHS_NM
 
-METHODS = ("znet", "dri")
+METHODS = ("znet", "znet-paper", "dri")  # the shipped networks (recon.SHIPPED_NETWORKS) and DRI
 DEFAULT_DRI_ELEMENT_SIZE_MM = 2.5
 DEFAULT_DRI_ITERATIONS = 6
 
@@ -101,6 +101,10 @@ def reconstruct(measurements: np.ndarray, mri: Image, method: str = "znet", chec
                 ) -> ReconstructionOutput:
     """Reconstruct HbO/Hb/water/HbT/StO2 on the grid of ``mri`` (2D or a single slice).
 
+    ``method``: ``"znet"`` (``checkpoint``, default the shipped Z-Net trained on the robust
+    distribution), ``"znet-paper"`` (the shipped Z-Net trained on the paper-style distribution)
+    or ``"dri"``; ``reconstructor`` (a loaded network) overrides the first two.
+
     ``geometry`` and the single fields after it describe the user's optode ring (module
     docstring); ``disk_centre_lps`` is a physical point (LPS mm) or ``disk_centre_ijk`` a pixel
     (i, j) of the slice (default: its centre).  ``scale_check=False`` skips the refusal of data
@@ -109,7 +113,7 @@ def reconstruct(measurements: np.ndarray, mri: Image, method: str = "znet", chec
     disagree; check with DRI); ``expected_noise=0`` skips that check.
     """
     if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose znet or dri")
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not isinstance(mri, Image):
         raise InputError("the MRI must be a deepimaging Image (array + geometry)")
     wavelengths = tuple(int(w) for w in wavelengths)
@@ -117,10 +121,10 @@ def reconstruct(measurements: np.ndarray, mri: Image, method: str = "znet", chec
     raw = np.asarray(measurements, dtype=np.float64).ravel()
     report(progress, 0.0, "checking the inputs")
     rec = None
-    if method == "znet":
+    if method != "dri":
         from .recon import load_reconstructor
 
-        rec = reconstructor or load_reconstructor(checkpoint, device, wavelengths=wavelengths)
+        rec = reconstructor or load_reconstructor(checkpoint or method, device, wavelengths=wavelengths)
         base = rec.geometry
     else:
         base = geometry or OptodeGeometry()
@@ -199,7 +203,7 @@ def _check_consistency(amplitudes: np.ndarray, maps: np.ndarray, rec: Any, wavel
         notes.append("data consistency not checked: the forward model covers the default ring and wavelengths only")
         return None
     misfit = data_misfit(amplitudes, maps, rec.n_optodes, known)
-    disagrees, text = misfit_verdict(misfit, expected_noise)
+    disagrees, text = misfit_verdict(misfit, expected_noise, reference=reference_misfit(rec.header))
     if disagrees:
         warnings.warn(text, UserWarning, stacklevel=3)
     else:

@@ -37,7 +37,10 @@ from .mesh import DEFAULT_DIAMETER_MM, DEFAULT_GRID_SIZE, disk_mask
 from .optics import WAVELENGTHS_NM
 from .train import METHODS, build_network
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "znet_default.pt"
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+DEFAULT_CHECKPOINT = WEIGHTS / "znet_default.pt"  # trained on the robust distribution (README)
+PAPER_CHECKPOINT = WEIGHTS / "znet_paper.pt"  # trained on the paper-style distribution
+SHIPPED_NETWORKS = ("znet", "znet-paper")  # names for the two files above
 OUTPUT_NAMES = ("HbO", "Hb", "water", "HbT", "StO2")
 OUTPUT_UNITS = {"HbO": "uM", "Hb": "uM", "water": "%", "HbT": "uM", "StO2": "%"}
 PathLike = Union[str, Path]
@@ -200,16 +203,26 @@ def derived_maps(maps: np.ndarray) -> Dict[str, np.ndarray]:
     return {"HbO": hbo, "Hb": hb, "water": water, "HbT": hbt, "StO2": sto2}
 
 
+def shipped_checkpoint(network: str = "znet") -> Path:
+    """The file of a shipped network: ``"znet"`` (robust training, the default) or ``"znet-paper"``."""
+    if network not in SHIPPED_NETWORKS:
+        raise InputError(f"unknown shipped network {network!r}; choose one of {', '.join(SHIPPED_NETWORKS)}")
+    return DEFAULT_CHECKPOINT if network == "znet" else PAPER_CHECKPOINT
+
+
 def load_reconstructor(checkpoint: Optional[PathLike] = None, device: DeviceLike = None,
                        wavelengths: Optional[Sequence[int]] = WAVELENGTHS_NM,
                        n_optodes: Optional[int] = None) -> Reconstructor:
     """Load a Z-Net (default: the shipped one) or Y-Net checkpoint.
 
-    ``wavelengths`` / ``n_optodes``: what the user's system measures; a checkpoint trained for
-    anything else raises :class:`CheckpointError` (``None`` accepts the checkpoint's own).
+    ``checkpoint``: a file, or the name of a shipped network (``"znet"``, ``"znet-paper"``;
+    :data:`SHIPPED_NETWORKS`).  ``wavelengths`` / ``n_optodes``: what the user's system
+    measures; a checkpoint trained for anything else raises :class:`CheckpointError`
+    (``None`` accepts the checkpoint's own).
     """
-    path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
-    if checkpoint is None and not path.is_file():
+    shipped = checkpoint is None or str(checkpoint) in SHIPPED_NETWORKS
+    path = shipped_checkpoint(str(checkpoint or "znet")) if shipped else Path(checkpoint)
+    if shipped and not path.is_file():
         raise CheckpointError(
             f"the shipped Z-Net checkpoint is not installed ({path} is missing): train one with "
             "`deepimaging nirst train --arch znet --export <file>` and copy it there, or pass a checkpoint file")
@@ -280,6 +293,7 @@ def simulate_example(seed: int = 0) -> Tuple[np.ndarray, Image, Dict[str, np.nda
     return data["measurements"][0].astype(np.float64), mri, truth
 
 
-__all__ = ["DEFAULT_CHECKPOINT", "OUTPUT_NAMES", "OUTPUT_UNITS", "Reconstructor", "derived_maps", "extract_slice",
+__all__ = ["DEFAULT_CHECKPOINT", "OUTPUT_NAMES", "OUTPUT_UNITS", "PAPER_CHECKPOINT", "Reconstructor",
+           "SHIPPED_NETWORKS", "derived_maps", "extract_slice", "shipped_checkpoint",
            "hbt_contrast", "load_reconstructor", "maps_to_image", "read_measurements", "reconstruct_image",
            "resample_mri", "simulate_example"]

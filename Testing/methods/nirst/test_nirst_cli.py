@@ -164,3 +164,13 @@ def test_reconstruct_calibration_flags(example_files, capsys):
     assert "--reference needs the phantom's properties" in capsys.readouterr().err
     assert run_reconstruct(example_files, "m16.csv", "wide", "--diameter", "90") == 2
     assert "use --method dri" in capsys.readouterr().err
+
+
+def test_reconstruct_with_the_paper_trained_znet(example_files, capsys):
+    assert main(["nirst", "reconstruct", "--measurements", str(example_files.path / "m16.csv"),
+                 "--mri", str(example_files.path / "mri.nrrd"), "--out-dir", str(example_files.path / "paper"),
+                 "--device", "cpu", "--method", "znet-paper"]) == 0
+    assert f"reconstructed with nirst-znet ({recon.PAPER_CHECKPOINT.name})" in capsys.readouterr().out
+    assert read_image(example_files.path / "paper" / "HbO_uM.nrrd").same_grid(example_files.mri)
+    assert run_reconstruct(example_files, "m16.csv", "never", "--method", "znet-paper") == 2
+    assert "--method znet-paper is the shipped one" in capsys.readouterr().err

@@ -178,3 +178,15 @@ def test_hbt_contrast():
         hbt_contrast(hbt, np.zeros((10, 10), bool))
     with pytest.raises(InputError):
         hbt_contrast(hbt, np.ones((5, 5), bool))
+
+
+def test_two_shipped_networks_robust_by_default():
+    assert recon.shipped_checkpoint() == recon.DEFAULT_CHECKPOINT
+    assert recon.shipped_checkpoint("znet-paper") == recon.PAPER_CHECKPOINT
+    with pytest.raises(InputError, match="unknown shipped network"):
+        recon.shipped_checkpoint("unet")
+    default, paper = load_reconstructor(None, "cpu"), load_reconstructor("znet-paper", "cpu")
+    assert default.path == recon.DEFAULT_CHECKPOINT and paper.path == recon.PAPER_CHECKPOINT
+    assert default.header["config"]["distribution"] == "robust"
+    assert paper.header["config"].get("distribution", "paper") == "paper"
+    assert default.geometry == paper.geometry  # same ring: the CLI and panel switch freely

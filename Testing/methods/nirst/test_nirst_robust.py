@@ -137,4 +137,4 @@ def test_cli_robust_simulation_and_robustness_evaluation(tmp_path, capsys):
     assert load_dataset(shard)["meta"]["distribution"] == "robust"
     assert main(["nirst", "evaluate", "--robustness", "--no-dri", "--device", "cpu", "--out", str(tmp_path / "rob")]) == 0
     text = (tmp_path / "rob" / "robustness.md").read_text()
-    assert "MRI-only lesion" in text and "optics-only lesion" in text and "| Z-Net |" in text
+    assert "MRI-only lesion" in text and "optics-only lesion" in text and "| Z-Net (robust training) |" in text
