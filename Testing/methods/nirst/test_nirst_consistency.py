@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from deepimaging.core.image import Image
-from deepimaging.nirst.consistency import EXPECTED_NOISE, WARNING_RATIO, data_misfit, misfit_verdict
+from deepimaging.nirst.consistency import (EXPECTED_NOISE, WARNING_RATIO, data_misfit, misfit_verdict,
+                                          reference_misfit)
 from deepimaging.nirst.pipeline import reconstruct
 from deepimaging.nirst.recon import load_reconstructor
 from deepimaging.nirst.robustness_eval import robustness_cases, simulate_cases
@@ -63,8 +64,6 @@ def test_paper_trained_znet_warns_only_where_mri_and_optics_disagree(cases):
 
 def test_shipped_znet_passes_the_margins_and_warns_relative_to_its_own_precision(cases):
     """The robust-trained default leaves more misfit than the noise everywhere: its own level keeps it quiet."""
-    from deepimaging.nirst.consistency import reference_misfit
-
     rec = load_reconstructor(None, "cpu")
     assert reference_misfit(rec.header) > EXPECTED_NOISE
     misfits, warned = _misfits_and_warnings(None, cases)
